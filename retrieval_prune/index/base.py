@@ -1,0 +1,258 @@
+"""The index protocol: ``add`` / ``delete`` / ``search`` / ``save`` / ``load``.
+
+:class:`MultiVectorIndex` holds what every index type shares — external string ids,
+the tombstone mask, optional stored texts, the pipeline spec and the encoder
+settings — and its persistence through :mod:`retrieval_prune.index.storage`.
+Subclasses implement four hooks:
+
+``_add_vectors(docs)``      append (already preprocessed) documents to the payload
+``_search(queries, k)``     -> (scores, positions) over live documents
+``_state_arrays()``         -> dict of arrays to persist (payload only)
+``_load_state(arrays, meta)``  restore the payload from mmapped arrays
+
+External ids are stable: positions are internal, deletes are tombstones until
+:meth:`compact`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from retrieval_prune.index import storage
+from retrieval_prune.registry import Component
+from retrieval_prune.types import MultiVectors, SearchResult, check_k
+
+__all__ = ["MultiVectorIndex", "encode_strings", "decode_strings", "load_index", "INDEX_TYPES"]
+
+#: index type name (manifest "type") -> class, filled by ``register_index_type``
+INDEX_TYPES: dict[str, type[MultiVectorIndex]] = {}
+
+
+def encode_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pack strings as a UTF-8 byte blob (uint8) plus int64 offsets (no pickle)."""
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return blob, offsets
+
+
+def decode_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = bytes(np.asarray(blob, dtype=np.uint8))
+    off = np.asarray(offsets).tolist()
+    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+
+
+def register_index_type(cls: type[MultiVectorIndex]) -> type[MultiVectorIndex]:
+    INDEX_TYPES[cls.index_type] = cls
+    return cls
+
+
+class MultiVectorIndex(Component):
+    """Base of every index type; see the module docstring for the hooks."""
+
+    stage: ClassVar[str] = "index"
+    index_type: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.dim: int | None = None
+        self.doc_ids: list[str] = []
+        self._pos: dict[str, int] = {}
+        self.alive = np.zeros(0, np.uint8)
+        self.texts: list[str] | None = None
+        #: full pipeline spec (token steps, codec, index) as written in the manifest
+        self.pipeline_spec: str = self.spec
+        #: encoder settings, so a query is encoded as the documents were
+        self.encoder_settings: dict[str, Any] | None = None
+        #: free-form build information (timings, reports) kept in the manifest
+        self.info: dict[str, Any] = {}
+
+    # -- hooks -------------------------------------------------------------------
+    def _add_vectors(self, docs: MultiVectors) -> None:
+        raise NotImplementedError
+
+    def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _compact_vectors(self, keep: np.ndarray) -> None:
+        """Drop the payload of documents not in ``keep`` (sorted positions)."""
+        raise NotImplementedError
+
+    # -- public API -----------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of live (not deleted) documents."""
+        return int(self.alive.sum())
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.doc_ids)
+
+    def _check_docs(self, docs: MultiVectors, what: str) -> None:
+        if not isinstance(docs, MultiVectors):
+            raise TypeError(f"{what} must be MultiVectors, got {type(docs).__name__}")
+        if self.dim is not None and docs.dim != self.dim:
+            raise ValueError(
+                f"{what} have dim={docs.dim} but the index holds dim={self.dim} vectors; "
+                "encode them with the encoder/pipeline the index was built with"
+            )
+        docs.validate_finite(what)
+
+    def add(
+        self, docs: MultiVectors, ids: Sequence[str], texts: Sequence[str] | None = None
+    ) -> None:
+        """Append documents under external string ``ids`` (unique, not already present)."""
+        self._check_docs(docs, "documents")
+        ids = [str(i) for i in ids]
+        if len(ids) != len(docs):
+            raise ValueError(f"{len(ids)} ids for {len(docs)} documents; give one id per document")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"duplicate id {dup!r} in the batch; ids must be unique")
+        clash = [i for i in ids if i in self._pos and self.alive[self._pos[i]]]
+        if clash:
+            raise ValueError(
+                f"id {clash[0]!r} is already in the index ({len(clash)} clashes); delete it first"
+            )
+        if texts is not None and len(texts) != len(ids):
+            raise ValueError(f"{len(texts)} texts for {len(ids)} documents")
+        if self.n_positions == 0 and texts is not None:
+            self.texts = []
+        if self.texts is not None and texts is None and self.n_positions:
+            texts = [""] * len(ids)
+        if self.dim is None:
+            self.dim = docs.dim
+        self._add_vectors(docs)
+        start = self.n_positions
+        for j, i in enumerate(ids):  # a re-added deleted id: its old position stays a tombstone
+            self._pos[i] = start + j
+        self.doc_ids.extend(ids)
+        self.alive = np.concatenate([np.asarray(self.alive), np.ones(len(ids), np.uint8)])
+        if self.texts is not None and texts is not None:
+            self.texts.extend(texts)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Tombstone documents by external id; unknown ids raise and change nothing."""
+        ids = [str(i) for i in ids]
+        unknown = [i for i in ids if i not in self._pos or not self.alive[self._pos[i]]]
+        if unknown:
+            raise KeyError(f"unknown document id {unknown[0]!r} ({len(unknown)} unknown); nothing deleted")
+        alive = np.array(self.alive, copy=True)
+        for i in ids:
+            alive[self._pos[i]] = 0
+        self.alive = alive
+
+    def compact(self) -> None:
+        """Rewrite the payload without tombstoned documents; external ids survive."""
+        keep = np.flatnonzero(np.asarray(self.alive))
+        if keep.size == self.n_positions:
+            return
+        self._compact_vectors(keep)
+        self.doc_ids = [self.doc_ids[i] for i in keep]
+        if self.texts is not None:
+            self.texts = [self.texts[i] for i in keep]
+        self._pos = {d: p for p, d in enumerate(self.doc_ids)}
+        self.alive = np.ones(len(self.doc_ids), np.uint8)
+
+    def search(self, queries: MultiVectors, k: int = 10) -> SearchResult:
+        """Top-``k`` live documents per query, best first (ids -1 padded)."""
+        k = check_k(k)
+        if not isinstance(queries, MultiVectors):
+            raise TypeError(f"queries must be MultiVectors, got {type(queries).__name__}")
+        if self.dim is not None and queries.dim != self.dim:
+            raise ValueError(
+                f"queries have dim={queries.dim} but the index holds dim={self.dim} vectors; "
+                "encode queries with the index's encoder settings"
+            )
+        queries.validate_finite("queries")
+        if self.n_positions == 0 or len(queries) == 0:
+            shape = (len(queries), k)
+            return SearchResult(
+                np.full(shape, -np.inf, np.float32), np.full(shape, -1, np.int64), self.doc_ids
+            )
+        scores, ids = self._search(queries, k)
+        return SearchResult(scores, ids, self.doc_ids)
+
+    def id_of(self, position: int) -> str:
+        return self.doc_ids[position]
+
+    def position_of(self, doc_id: str) -> int:
+        try:
+            return self._pos[doc_id]
+        except KeyError:
+            raise KeyError(f"unknown document id {doc_id!r}") from None
+
+    # -- persistence ------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "type": self.index_type,
+            "spec": self.spec,
+            "pipeline": self.pipeline_spec,
+            "dim": self.dim,
+            "n_positions": self.n_positions,
+            "n_docs": len(self),
+            "encoder": self.encoder_settings,
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index as a new crash-safe generation of folder ``path``."""
+        arrays = dict(self._state_arrays())
+        blob, offs = encode_strings(self.doc_ids)
+        arrays.update({"doc_ids_blob": blob, "doc_ids_offsets": offs, "alive": np.asarray(self.alive)})
+        if self.texts is not None:
+            tb, to = encode_strings(self.texts)
+            arrays.update({"texts_blob": tb, "texts_offsets": to})
+        meta = self._meta()
+        json.dumps(meta)  # fail before writing anything if meta is not JSON-able
+        return storage.write_generation(path, arrays, meta)
+
+    @classmethod
+    def _from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> MultiVectorIndex:
+        from retrieval_prune.registry import build
+
+        obj = build(meta["spec"])
+        if not isinstance(obj, cls):
+            raise storage.IndexCorruptedError(f"manifest spec {meta['spec']!r} is not a {cls.__name__}")
+        obj.dim = meta["dim"]
+        obj.doc_ids = decode_strings(arrays["doc_ids_blob"], arrays["doc_ids_offsets"])
+        obj._pos = {d: p for p, d in enumerate(obj.doc_ids)}
+        obj.alive = np.array(arrays["alive"], dtype=np.uint8)
+        if len(obj.alive) != len(obj.doc_ids):
+            raise storage.IndexCorruptedError("alive mask and id list disagree in length")
+        if "texts_blob" in arrays:
+            obj.texts = decode_strings(arrays["texts_blob"], arrays["texts_offsets"])
+        obj.pipeline_spec = meta.get("pipeline", meta["spec"])
+        obj.encoder_settings = meta.get("encoder")
+        obj.info = meta.get("info", {})
+        obj._load_state(arrays, meta)
+        return obj
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
+        return load_index(path, verify=verify)
+
+
+def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
+    """Open any saved index by the type its manifest declares (checksums verified)."""
+    import retrieval_prune.registry as registry
+
+    registry.available()  # import the built-in index types
+    meta, arrays, _ = storage.read_generation(path, verify=verify)
+    itype = meta.get("type")
+    if itype not in INDEX_TYPES:
+        raise storage.IndexCorruptedError(
+            f"{path}: unknown index type {itype!r}; known: {sorted(INDEX_TYPES)}"
+        )
+    return INDEX_TYPES[itype]._from_saved(meta, arrays)

@@ -1,0 +1,1 @@
+"""Numba kernels: @njit functions only, no validation (see wrappers in index/ and compress/)."""
