@@ -1,0 +1,241 @@
+"""Command line: ``retrieval-prune {build,search,eval,bench,plugins}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EVAL_COLUMNS = [
+    ("dataset", "dataset", "{}"),
+    ("pipeline", "pipeline", "{}"),
+    ("ndcg@10", "nDCG@10", "{:.4f}"),
+    ("delta_ndcg@10", "Δ exact", "{:+.4f}"),
+    ("recall@100", "R@100", "{:.4f}"),
+    ("mrr@10", "MRR@10", "{:.4f}"),
+    ("exact_top10_recall", "top10∩exact", "{:.3f}"),
+    ("bytes_per_doc", "bytes/doc", "{:,.0f}"),
+    ("vectors_per_doc", "vec/doc", "{:.1f}"),
+    ("compression_ratio", "x fp32", "{:.1f}"),
+    ("build_s", "build s", "{:.1f}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p95_ms", "p95 ms", "{:.2f}"),
+    ("peak_rss_mb", "peak MiB", "{:,.0f}"),
+]
+
+
+def format_table(rows: list[dict[str, Any]], columns=EVAL_COLUMNS) -> str:
+    """A Markdown table of eval rows."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(p)
+
+
+# -- commands --------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from retrieval_prune.evaluation.runner import evaluate_grid
+
+    pipelines = args.pipeline or ["exact"]
+    t0 = time.perf_counter()
+    rows = evaluate_grid(
+        args.data, pipelines, checkpoint=args.checkpoint, split=args.split,
+        max_docs=args.max_docs, progress=not args.quiet,
+        on_row=None if args.quiet else lambda r: print(
+            f"  {r['dataset']} | {r['pipeline']}: nDCG@10={r['ndcg@10']:.4f} "
+            f"(exact {r['exact_ndcg@10']:.4f})", file=sys.stderr),
+    )
+    table = format_table(rows)
+    print(table)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; exact = uncompressed MaxSim "
+          f"of the same encoder ({rows[0]['encoder'] if rows else ''}).")
+    if args.json:
+        _write_json(args.json, rows)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from retrieval_prune.data import load_beir
+    from retrieval_prune.encode import Encoder
+    from retrieval_prune.evaluation.runner import _cache_root, index_bytes
+    from retrieval_prune.index.pipeline import make_pipeline
+
+    corpus = load_beir(args.data, split=args.split, max_docs=args.max_docs)
+    pipe = make_pipeline(args.pipeline)
+    encoder = Encoder.load(args.checkpoint)
+    from retrieval_prune.encode.cache import EmbeddingCache
+
+    docs = EmbeddingCache(_cache_root() / "embeddings").get_or_encode(
+        encoder, corpus.name, corpus.doc_ids, corpus.doc_texts, kind="docs",
+        with_importance=pipe.needs_importance,
+    )
+    t0 = time.perf_counter()
+    index = pipe.build(docs, corpus.doc_ids, texts=corpus.doc_texts,
+                       encoder_settings=encoder.settings)
+    index.info["dataset"] = corpus.name
+    index.save(args.out)
+    nbytes = index_bytes(args.out)
+    print(f"built {args.out}: {len(index)} documents, pipeline {pipe.spec!r}, "
+          f"{nbytes / len(index):,.0f} bytes/doc, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _load_searcher(path: str):
+    from retrieval_prune.encode import Encoder
+    from retrieval_prune.index.base import load_index
+    from retrieval_prune.index.pipeline import make_pipeline
+
+    index = load_index(path)
+    if not index.encoder_settings:
+        raise ValueError(f"{path} records no encoder settings; search it with vectors from Python")
+    encoder = Encoder.from_settings(index.encoder_settings)
+    pipe = make_pipeline(index.pipeline_spec)
+    return index, encoder, pipe
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    index, encoder, pipe = _load_searcher(args.index)
+    queries = [q for q in args.query]
+    if any(not q.strip() for q in queries):
+        raise ValueError("empty --query; give the text to search for")
+    qv = pipe.transform_queries(encoder.encode_queries(queries, progress=False))
+    res = index.search(qv, k=args.k)
+    out = []
+    for qi, q in enumerate(queries):
+        hits = [{"id": d, "score": s} for d, s in res.external(qi)]
+        if args.json:
+            out.append(hits)
+        else:
+            print(f"query: {q}")
+            for rank, h in enumerate(hits, 1):
+                text = ""
+                if index.texts is not None:
+                    text = index.texts[index.position_of(h["id"])][:90].replace("\n", " ")
+                print(f"  {rank:3d}. {h['id']:<16} {h['score']:8.3f}  {text}")
+    if args.json:
+        print(json.dumps(out[0] if len(out) == 1 else out))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "kernels":
+        from retrieval_prune.evaluation import bench_kernels
+
+        result = bench_kernels.run(threads=tuple(args.threads), n_docs=args.n_docs,
+                                   progress=not args.quiet)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            _write_json(args.json, result)
+        return 0
+    raise ValueError(f"unknown benchmark {args.what!r}")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from retrieval_prune import registry
+
+    for name, cls in registry.available(args.stage).items():
+        params = ", ".join(f"{k}={p.default!r}" for k, p in cls.params.items())
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{cls.stage:7s} {name:14s} {params}\n        {doc}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from retrieval_prune import __version__
+
+    p = argparse.ArgumentParser(
+        prog="retrieval-prune",
+        description="Compressed multi-vector retrieval indexes: build, search, evaluate.",
+    )
+    p.add_argument("--version", action="version", version=f"retrieval-prune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_args(sp: argparse.ArgumentParser, multiple: bool) -> None:
+        sp.add_argument("--data", action="append" if multiple else "store", required=True,
+                        metavar="DIR_OR_NAME",
+                        help="BEIR-layout folder, or a name under ../shared/data (or a BEIR "
+                             "dataset to download)" + (" (repeatable)" if multiple else ""))
+        sp.add_argument("--split", default="test", help="qrels split (default: test)")
+        sp.add_argument("--checkpoint", default=None, metavar="CKPT",
+                        help="ColBERT-style checkpoint folder, or 'untrained-colbert'; "
+                             "default: zero-shot 384-d MiniLM tokens")
+        sp.add_argument("--max-docs", type=int, default=None,
+                        help="keep the first N documents plus every judged one (quick runs)")
+
+    e = sub.add_parser("eval", help="evaluate pipelines on datasets; print a table",
+                       description="Evaluate pipelines on datasets against exact MaxSim.")
+    data_args(e, multiple=True)
+    e.add_argument("--pipeline", action="append", metavar="SPEC",
+                   help="pipeline spec, e.g. 'exact' or 'pool:factor=2' (repeatable; default exact)")
+    e.add_argument("--json", metavar="PATH", help="write the rows as a JSON array")
+    e.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("build", help="encode a collection and write an index",
+                       description="Encode a collection and write a compressed index folder.")
+    data_args(b, multiple=False)
+    b.add_argument("--out", required=True, metavar="INDEX", help="index folder to write")
+    b.add_argument("--pipeline", default="exact", metavar="SPEC", help="pipeline spec (default exact)")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("search", help="search an index with a text query",
+                       description="Search an index with one or more text queries.")
+    s.add_argument("index", metavar="INDEX")
+    s.add_argument("--query", action="append", required=True, metavar="TEXT")
+    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("--json", action="store_true", help='print [{"id": ..., "score": ...}]')
+    s.set_defaults(func=cmd_search)
+
+    bn = sub.add_parser("bench", help="benchmarks (kernels)",
+                        description="Benchmarks measured against this machine's own roofs.")
+    bn.add_argument("what", choices=["kernels"])
+    bn.add_argument("--json", metavar="PATH")
+    bn.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    bn.add_argument("--n-docs", type=int, default=10_000)
+    bn.add_argument("-q", "--quiet", action="store_true")
+    bn.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plugins", help="list registered components and their parameters")
+    pl.add_argument("--stage", default=None)
+    pl.set_defaults(func=cmd_plugins)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "k", 1) is not None and getattr(args, "k", 1) <= 0:
+        parser.error(f"-k {args.k}: k must be >= 1")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"retrieval-prune {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Evaluation runner: (datasets x pipelines) -> one row per pair, in the `eval --json` shape.
+
+For each dataset the corpus and queries are encoded once (cached on disk), the exact
+uncompressed MaxSim reference is computed once (cached too), and each pipeline is
+built, saved to disk, reopened from disk (mmap) and searched one query at a time.
+Every row carries the delta to the exact reference of the same encoder and data.
+
+Row keys: dataset, split, pipeline, pipeline_canonical, checkpoint, encoder, ndcg@10,
+recall@100, mrr@10, exact_ndcg@10, delta_ndcg@10, exact_top10_recall, n_docs,
+n_queries, bytes_per_doc, vectors_per_doc, compression_ratio, build_s, p50_ms,
+p95_ms, query_encode_ms, peak_rss_mb.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrieval_prune.data import load_beir
+from retrieval_prune.evaluation.metrics import evaluate
+from retrieval_prune.index.pipeline import make_pipeline
+from retrieval_prune.index.storage import current_generation
+from retrieval_prune.types import Corpus, MultiVectors
+
+__all__ = ["evaluate_grid", "evaluate_pipeline", "index_bytes", "peak_rss_reset", "peak_rss_mb"]
+
+
+def peak_rss_reset() -> None:
+    """Reset the kernel's peak-RSS counter of this process (Linux; no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset, in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def index_bytes(path: str | Path) -> int:
+    """Bytes of every file of an index's live generation (manifest included)."""
+    gen = current_generation(path)
+    return sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("RETRIEVAL_PRUNE_CACHE", ".cache")).resolve()
+
+
+class DatasetContext:
+    """Encoded corpus + queries and the exact reference run for one dataset."""
+
+    def __init__(self, corpus: Corpus, encoder: Any, *, progress: bool = True,
+                 with_importance: bool = False):
+        from retrieval_prune.encode.cache import EmbeddingCache
+
+        self.corpus = corpus
+        self.encoder = encoder
+        cache = EmbeddingCache(_cache_root() / "embeddings")
+        self.docs: MultiVectors = cache.get_or_encode(
+            encoder, corpus.name, corpus.doc_ids, corpus.doc_texts, kind="docs",
+            with_importance=with_importance,
+        )
+        self.qids, qtexts = corpus.judged_queries()
+        self.qtexts = qtexts
+        self.queries: MultiVectors = cache.get_or_encode(
+            encoder, corpus.name, self.qids, qtexts, kind="queries"
+        )
+        self.query_encode_ms = self._time_query_encoding(qtexts)
+        self.exact_run = self._exact_run(progress)
+        self.exact_metrics = evaluate(corpus.qrels, self.exact_run)
+
+    def _time_query_encoding(self, texts: Sequence[str], n: int = 30) -> float:
+        sample = list(texts[:n])
+        self.encoder.encode_queries(sample[:2], progress=False)  # warm-up
+        times = []
+        for t in sample:
+            t0 = time.perf_counter()
+            self.encoder.encode_queries([t], progress=False)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times)) if times else 0.0
+
+    def _exact_run(self, progress: bool) -> dict[str, dict[str, float]]:
+        key = hashlib.sha256(
+            json.dumps([self.encoder.settings, self.corpus.name, self.corpus.split,
+                        self.docs.n_tokens, self.queries.n_tokens, self.qids],
+                       sort_keys=True, default=str).encode()
+        ).hexdigest()[:24]
+        path = _cache_root() / "exact_runs" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from retrieval_prune.index.flat import FlatIndex
+
+        index = FlatIndex()
+        index.add(self.docs, self.corpus.doc_ids)
+        res = index.search(self.queries, k=100)
+        run = res.to_run(self.qids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run))
+        os.replace(tmp, path)
+        return run
+
+
+def _top10(run_q: dict[str, float]) -> list[str]:
+    return [d for d, _ in sorted(run_q.items(), key=lambda x: -x[1])[:10]]
+
+
+def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
+                      index_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build ``spec`` over ``ctx``'s corpus, save it, reopen it from disk, search, score."""
+    from retrieval_prune.index.base import load_index
+
+    corpus = ctx.corpus
+    pipe = make_pipeline(spec)
+    peak_rss_reset()
+    t0 = time.perf_counter()
+    index = pipe.build(ctx.docs, corpus.doc_ids, encoder_settings=ctx.encoder.settings)
+    tmpdir = None
+    if index_dir is None:
+        tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=_cache_root())
+        index_dir = Path(tmpdir) / "index"
+    index.save(index_dir)
+    build_s = time.perf_counter() - t0
+    n_vectors = _stored_vectors(index)
+    del index
+    try:
+        nbytes = index_bytes(index_dir)
+        index = load_index(index_dir)
+        queries = pipe.transform_queries(ctx.queries)
+        index.search(queries[0:1], k=100)  # warm-up (JIT compile, page-in)
+        lat, run = [], {}
+        it = range(len(queries))
+        if progress:
+            it = tqdm(it, desc=f"search {spec[:40]}", leave=False)
+        for qi in it:
+            q = queries[qi : qi + 1]
+            t1 = time.perf_counter()
+            res = index.search(q, k=100)
+            lat.append((time.perf_counter() - t1) * 1e3)
+            run[ctx.qids[qi]] = dict(res.external(0))
+        peak = peak_rss_mb()
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    m = evaluate(corpus.qrels, run)
+    exact_top = {q: set(_top10(ctx.exact_run.get(q, {}))) for q in ctx.qids}
+    overlap = [len(exact_top[q] & set(_top10(run.get(q, {})))) / max(len(exact_top[q]), 1)
+               for q in ctx.qids]
+    fp32_bytes = ctx.docs.n_tokens * ctx.docs.dim * 4
+    return {
+        "dataset": corpus.name,
+        "split": corpus.split,
+        "pipeline": spec,
+        "pipeline_canonical": pipe.spec,
+        "checkpoint": checkpoint or "zero-shot",
+        "encoder": ctx.encoder.name,
+        "ndcg@10": m["ndcg@10"],
+        "recall@100": m["recall@100"],
+        "mrr@10": m["mrr@10"],
+        "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
+        "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
+        "exact_top10_recall": float(np.mean(overlap)) if overlap else 0.0,
+        "n_docs": len(corpus),
+        "n_queries": len(ctx.qids),
+        "bytes_per_doc": nbytes / len(corpus),
+        "vectors_per_doc": n_vectors / len(corpus),
+        "compression_ratio": fp32_bytes / max(nbytes, 1),
+        "build_s": build_s,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "query_encode_ms": ctx.query_encode_ms,
+        "peak_rss_mb": peak,
+    }
+
+
+def _stored_vectors(index: Any) -> int:
+    for attr in ("n_vectors",):
+        if hasattr(index, attr):
+            return int(getattr(index, attr))
+    return 0
+
+
+def evaluate_grid(
+    datasets: Sequence[str],
+    pipelines: Sequence[str] = ("exact",),
+    *,
+    checkpoint: str | None = None,
+    split: str = "test",
+    max_docs: int | None = None,
+    progress: bool = True,
+    on_row: Any = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every pipeline on every dataset; returns the rows (see module docstring)."""
+    from retrieval_prune.encode import Encoder
+
+    encoder = Encoder.load(checkpoint)
+    rows = []
+    for name in datasets:
+        corpus = load_beir(name, split=split, max_docs=max_docs)
+        need_imp = any(make_pipeline(p).needs_importance for p in pipelines)
+        ctx = DatasetContext(corpus, encoder, progress=progress, with_importance=need_imp)
+        for spec in pipelines:
+            row = evaluate_pipeline(ctx, spec, checkpoint=checkpoint, progress=progress)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
