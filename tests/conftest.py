@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval_prune.types import MultiVectors
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def random_docs(n_docs=20, dim=16, max_len=12, seed=0, empty=(), normalise=True):
+    """Seeded synthetic documents (labelled synthetic), with chosen empty documents."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        n = 0 if i in empty else int(rng.integers(1, max_len + 1))
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        if normalise and n:
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        docs.append(x)
+    return MultiVectors.from_list(docs, dim=dim)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # every test writes caches under a temp folder unless it sets its own
+    if "RETRIEVAL_PRUNE_CACHE" not in os.environ:
+        monkeypatch.setenv("RETRIEVAL_PRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def data_dir():
+    if not (DATA / "adi").is_dir():
+        pytest.skip("../shared/data is not present")
+    return DATA
