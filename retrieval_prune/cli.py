@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("-q", "--quiet", action="store_true")
     bn.set_defaults(func=cmd_bench)
 
+    try:
+        from retrieval_prune.retrieve.server import add_serve_parser
+    except ImportError:  # the server's optional dependencies are not installed
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+
     pl = sub.add_parser("plugins", help="list registered components and their parameters")
     pl.add_argument("--stage", default=None)
     pl.set_defaults(func=cmd_plugins)
