@@ -55,10 +55,20 @@ def _write_json(path: str, obj: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from retrieval_prune.evaluation.runner import evaluate_grid
 
-    pipelines = args.pipeline or ["exact"]
+    datasets, pipelines = list(args.data or []), list(args.pipeline or [])
+    if args.config:
+        import tomllib
+
+        with open(args.config, "rb") as f:
+            cfg = tomllib.load(f)
+        datasets += [d for d in cfg.get("datasets", []) if d not in datasets]
+        pipelines += [p for p in cfg.get("pipelines", []) if p not in pipelines]
+    if not datasets:
+        raise ValueError("no dataset: give --data NAME (repeatable) or a --config file with datasets")
+    pipelines = pipelines or ["exact"]
     t0 = time.perf_counter()
     rows = evaluate_grid(
-        args.data, pipelines, checkpoint=args.checkpoint, split=args.split,
+        datasets, pipelines, checkpoint=args.checkpoint, split=args.split,
         max_docs=args.max_docs, progress=not args.quiet,
         on_row=None if args.quiet else lambda r: print(
             f"  {r['dataset']} | {r['pipeline']}: nDCG@10={r['ndcg@10']:.4f} "
@@ -72,6 +82,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_json(args.json, rows)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    if args.plot:
+        from retrieval_prune.evaluation.plot import frontier_plot
+
+        print(f"frontier plot: {frontier_plot(rows, args.plot)}")
     return 0
 
 
@@ -172,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"retrieval-prune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def data_args(sp: argparse.ArgumentParser, multiple: bool) -> None:
-        sp.add_argument("--data", action="append" if multiple else "store", required=True,
+    def data_args(sp: argparse.ArgumentParser, multiple: bool, required: bool = True) -> None:
+        sp.add_argument("--data", action="append" if multiple else "store", required=required,
                         metavar="DIR_OR_NAME",
                         help="BEIR-layout folder, or a name under ../shared/data (or a BEIR "
                              "dataset to download)" + (" (repeatable)" if multiple else ""))
@@ -186,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate pipelines on datasets; print a table",
                        description="Evaluate pipelines on datasets against exact MaxSim.")
-    data_args(e, multiple=True)
+    data_args(e, multiple=True, required=False)
+    e.add_argument("--config", metavar="TOML",
+                   help="experiment file with `datasets = [...]` and `pipelines = [...]`")
+    e.add_argument("--plot", metavar="PNG", help="write the compression-quality frontier plot")
     e.add_argument("--pipeline", action="append", metavar="SPEC",
                    help="pipeline spec, e.g. 'exact' or 'pool:factor=2' (repeatable; default exact)")
     e.add_argument("--json", metavar="PATH", help="write the rows as a JSON array")

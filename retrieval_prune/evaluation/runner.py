@@ -69,43 +69,50 @@ def _cache_root() -> Path:
 
 
 class DatasetContext:
-    """Encoded corpus + queries and the exact reference run for one dataset."""
+    """Vectors of one dataset's corpus and judged queries, and the exact reference run.
 
-    def __init__(self, corpus: Corpus, encoder: Any, *, progress: bool = True,
-                 with_importance: bool = False):
+    Built from a text collection and an encoder (:meth:`from_corpus`, embeddings cached
+    on disk) or from a precomputed embedding set (:meth:`from_embedding_set`).
+    """
+
+    def __init__(self, *, name: str, split: str, doc_ids: list[str], docs: MultiVectors,
+                 qids: list[str], queries: MultiVectors, qrels: dict, encoder_settings: dict,
+                 encoder_name: str, query_encode_ms: float | None):
+        self.name, self.split, self.doc_ids, self.docs = name, split, doc_ids, docs
+        self.qids, self.queries, self.qrels = qids, queries, qrels
+        self.encoder_settings, self.encoder_name = encoder_settings, encoder_name
+        self.query_encode_ms = query_encode_ms
+        self.exact_run = self._exact_run()
+        self.exact_metrics = evaluate(qrels, self.exact_run)
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus, encoder: Any, *, with_importance: bool = False
+                    ) -> DatasetContext:
         from retrieval_prune.encode.cache import EmbeddingCache
 
-        self.corpus = corpus
-        self.encoder = encoder
         cache = EmbeddingCache(_cache_root() / "embeddings")
-        self.docs: MultiVectors = cache.get_or_encode(
-            encoder, corpus.name, corpus.doc_ids, corpus.doc_texts, kind="docs",
-            with_importance=with_importance,
-        )
-        self.qids, qtexts = corpus.judged_queries()
-        self.qtexts = qtexts
-        self.queries: MultiVectors = cache.get_or_encode(
-            encoder, corpus.name, self.qids, qtexts, kind="queries"
-        )
-        self.query_encode_ms = self._time_query_encoding(qtexts)
-        self.exact_run = self._exact_run(progress)
-        self.exact_metrics = evaluate(corpus.qrels, self.exact_run)
+        docs = cache.get_or_encode(encoder, corpus.name, corpus.doc_ids, corpus.doc_texts,
+                                   kind="docs", with_importance=with_importance)
+        qids, qtexts = corpus.judged_queries()
+        queries = cache.get_or_encode(encoder, corpus.name, qids, qtexts, kind="queries")
+        return cls(name=corpus.name, split=corpus.split, doc_ids=corpus.doc_ids, docs=docs,
+                   qids=qids, queries=queries, qrels=corpus.qrels,
+                   encoder_settings=encoder.settings, encoder_name=encoder.name,
+                   query_encode_ms=_time_query_encoding(encoder, qtexts))
 
-    def _time_query_encoding(self, texts: Sequence[str], n: int = 30) -> float:
-        sample = list(texts[:n])
-        self.encoder.encode_queries(sample[:2], progress=False)  # warm-up
-        times = []
-        for t in sample:
-            t0 = time.perf_counter()
-            self.encoder.encode_queries([t], progress=False)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times)) if times else 0.0
+    @classmethod
+    def from_embedding_set(cls, es: Any) -> DatasetContext:
+        judged = [i for i, q in enumerate(es.query_ids) if q in es.qrels]
+        return cls(name=es.name, split=es.split, doc_ids=es.doc_ids, docs=es.docs,
+                   qids=[es.query_ids[i] for i in judged], queries=es.queries[judged],
+                   qrels=es.qrels, encoder_settings=es.settings, encoder_name=es.encoder,
+                   query_encode_ms=None)
 
-    def _exact_run(self, progress: bool) -> dict[str, dict[str, float]]:
+    def _exact_run(self) -> dict[str, dict[str, float]]:
         key = hashlib.sha256(
-            json.dumps([self.encoder.settings, self.corpus.name, self.corpus.split,
-                        self.docs.n_tokens, self.queries.n_tokens, self.qids],
-                       sort_keys=True, default=str).encode()
+            json.dumps([self.encoder_settings, self.name, self.split, self.docs.n_tokens,
+                        float(np.asarray(self.docs.embeddings[:64]).sum()),
+                        self.queries.n_tokens, self.qids], sort_keys=True, default=str).encode()
         ).hexdigest()[:24]
         path = _cache_root() / "exact_runs" / f"{key}.json"
         if path.is_file():
@@ -113,14 +120,43 @@ class DatasetContext:
         from retrieval_prune.index.flat import FlatIndex
 
         index = FlatIndex()
-        index.add(self.docs, self.corpus.doc_ids)
-        res = index.search(self.queries, k=100)
-        run = res.to_run(self.qids)
+        index.add(self.docs, self.doc_ids)
+        run = index.search(self.queries, k=100).to_run(self.qids)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(run))
         os.replace(tmp, path)
         return run
+
+
+def _time_query_encoding(encoder: Any, texts: Sequence[str], n: int = 30) -> float:
+    """p50 milliseconds of encoding one query (reported apart from search latency)."""
+    sample = list(texts[:n])
+    if not sample:
+        return 0.0
+    encoder.encode_queries(sample[:2], progress=False)  # warm-up
+    times = []
+    for t in sample:
+        t0 = time.perf_counter()
+        encoder.encode_queries([t], progress=False)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def load_context(name: str, encoder: Any, *, split: str = "test", max_docs: int | None = None,
+                 with_importance: bool = False) -> DatasetContext:
+    """A dataset by name or folder: a precomputed embedding set or a BEIR text collection."""
+    from retrieval_prune.data.beir import resolve_dataset
+    from retrieval_prune.data.embeddings import is_embedding_set, load_embedding_set
+
+    p = Path(name)
+    if p.is_dir() and is_embedding_set(p):
+        return DatasetContext.from_embedding_set(load_embedding_set(p, split=split))
+    folder = resolve_dataset(name)
+    if is_embedding_set(folder):
+        return DatasetContext.from_embedding_set(load_embedding_set(folder, split=split))
+    corpus = load_beir(folder, split=split, max_docs=max_docs)
+    return DatasetContext.from_corpus(corpus, encoder(), with_importance=with_importance)
 
 
 def _top10(run_q: dict[str, float]) -> list[str]:
@@ -132,11 +168,10 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
     """Build ``spec`` over ``ctx``'s corpus, save it, reopen it from disk, search, score."""
     from retrieval_prune.index.base import load_index
 
-    corpus = ctx.corpus
     pipe = make_pipeline(spec)
     peak_rss_reset()
     t0 = time.perf_counter()
-    index = pipe.build(ctx.docs, corpus.doc_ids, encoder_settings=ctx.encoder.settings)
+    index = pipe.build(ctx.docs, ctx.doc_ids, encoder_settings=ctx.encoder_settings)
     tmpdir = None
     if index_dir is None:
         tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=_cache_root())
@@ -164,28 +199,28 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    m = evaluate(corpus.qrels, run)
+    m = evaluate(ctx.qrels, run)
     exact_top = {q: set(_top10(ctx.exact_run.get(q, {}))) for q in ctx.qids}
     overlap = [len(exact_top[q] & set(_top10(run.get(q, {})))) / max(len(exact_top[q]), 1)
                for q in ctx.qids]
     fp32_bytes = ctx.docs.n_tokens * ctx.docs.dim * 4
     return {
-        "dataset": corpus.name,
-        "split": corpus.split,
+        "dataset": ctx.name,
+        "split": ctx.split,
         "pipeline": spec,
         "pipeline_canonical": pipe.spec,
         "checkpoint": checkpoint or "zero-shot",
-        "encoder": ctx.encoder.name,
+        "encoder": ctx.encoder_name,
         "ndcg@10": m["ndcg@10"],
         "recall@100": m["recall@100"],
         "mrr@10": m["mrr@10"],
         "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
         "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
         "exact_top10_recall": float(np.mean(overlap)) if overlap else 0.0,
-        "n_docs": len(corpus),
+        "n_docs": len(ctx.doc_ids),
         "n_queries": len(ctx.qids),
-        "bytes_per_doc": nbytes / len(corpus),
-        "vectors_per_doc": n_vectors / len(corpus),
+        "bytes_per_doc": nbytes / len(ctx.doc_ids),
+        "vectors_per_doc": n_vectors / len(ctx.doc_ids),
         "compression_ratio": fp32_bytes / max(nbytes, 1),
         "build_s": build_s,
         "p50_ms": float(np.percentile(lat, 50)),
@@ -215,12 +250,19 @@ def evaluate_grid(
     """Evaluate every pipeline on every dataset; returns the rows (see module docstring)."""
     from retrieval_prune.encode import Encoder
 
-    encoder = Encoder.load(checkpoint)
+    pipes = [make_pipeline(p) for p in pipelines]  # fail on a bad spec before encoding
+    need_imp = any(p.needs_importance for p in pipes)
+    encoder_cache: list[Any] = []
+
+    def encoder() -> Any:  # loaded only when a text collection needs it
+        if not encoder_cache:
+            encoder_cache.append(Encoder.load(checkpoint))
+        return encoder_cache[0]
+
     rows = []
     for name in datasets:
-        corpus = load_beir(name, split=split, max_docs=max_docs)
-        need_imp = any(make_pipeline(p).needs_importance for p in pipelines)
-        ctx = DatasetContext(corpus, encoder, progress=progress, with_importance=need_imp)
+        ctx = load_context(name, encoder, split=split, max_docs=max_docs,
+                           with_importance=need_imp)
         for spec in pipelines:
             row = evaluate_pipeline(ctx, spec, checkpoint=checkpoint, progress=progress)
             rows.append(row)

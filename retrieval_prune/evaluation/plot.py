@@ -1,0 +1,85 @@
+"""The compression–quality frontier: nDCG@10 against bytes per document (log scale)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["pareto_front", "frontier_plot"]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (fewer-or-equal bytes and higher-or-equal quality).
+
+    ``points`` are ``(bytes, quality)``; the result is sorted by bytes.
+
+    >>> pareto_front([(10, 0.5), (20, 0.4), (30, 0.7), (5, 0.1)])
+    [3, 0, 2]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
+                  metric: str = "ndcg@10", title: str | None = None) -> Path:
+    """Write a PNG with one panel per dataset: each pipeline a point, the front joined.
+
+    The exact uncompressed baseline is drawn as a star and a dashed line; rows whose
+    ``engine`` is ``"plaid"`` are drawn as squares and labelled.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no rows to plot; run an evaluation first")
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    n = len(datasets)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.6 * nrows), squeeze=False)
+    for ax, ds in zip(axes.ravel(), datasets):
+        sub = [r for r in rows if r["dataset"] == ds]
+        pts = [(float(r["bytes_per_doc"]), float(r[metric])) for r in sub]
+        front = set(pareto_front(pts))
+        for i, (r, (x, y)) in enumerate(zip(sub, pts)):
+            engine = r.get("engine", "retrieval_prune")
+            is_exact = r.get("pipeline") in ("exact", "flat")
+            marker = "*" if is_exact else ("s" if engine == "plaid" else "o")
+            color = "black" if is_exact else ("tab:red" if engine == "plaid" else
+                                              ("tab:blue" if i in front else "tab:gray"))
+            ax.scatter([x], [y], marker=marker, s=90 if is_exact else 40, color=color, zorder=3)
+            label = r.get("label") or r.get("pipeline", "")
+            if engine == "plaid":
+                label = f"PLAID nbits={r.get('nbits', '?')}"
+            ax.annotate(label[:34], (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=color)
+        fx = sorted((pts[i] for i in front), key=lambda p: p[0])
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], "-", color="tab:blue", alpha=0.6,
+                label="Pareto front", zorder=2)
+        exact = sub[0].get(f"exact_{metric}")
+        if exact is not None:
+            ax.axhline(float(exact), ls="--", color="black", lw=0.8,
+                       label=f"exact MaxSim {float(exact):.3f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("index bytes per document (log scale)")
+        ax.set_ylabel(metric)
+        ax.set_title(ds)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.suptitle(title or "compression–quality frontier")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
