@@ -1,0 +1,346 @@
+"""Exact float32 MaxSim kernels: score(q, d) = sum_i max_j <q_i, d_j>.
+
+Layout
+------
+Documents are the flat ``float32`` token matrix of a :class:`MultiVectors` passed as a
+1-D view ``D1 = embeddings.reshape(-1)`` plus its ``int64`` offsets. A query is packed
+once by the wrapper (``index.ops.pack_queries``) into 16-lane vectors of query tokens:
+``qp[v, d, l] = q[16 * v + l, d]`` (zero rows pad the last vector), flattened, so that the
+16 values a vector instruction needs sit together.
+
+Micro-kernel
+------------
+Vectorising over query tokens (16 lanes per AVX-512 register) and broadcasting one
+scalar of a document token avoids any horizontal reduction: for 4 document tokens x
+32 query tokens the inner loop over ``d`` does 2 vector loads of ``qp``, 4 scalar
+broadcasts and 8 FMAs into 8 register accumulators -- the shape of a GEMM micro-kernel.
+The running max per query token then stays in two vector registers for the whole
+document. Numba/LLVM does not find this layout by itself (the loop vectoriser picks
+``d`` and pays a horizontal sum per dot product; Numba disables the SLP vectoriser), so
+the kernel is written with a tiny explicit vector type ``F32x16`` (an LLVM
+``<16 x float>``, lowered to one zmm register with AVX-512 and two ymm with AVX2).
+
+A partial block of document tokens re-reads the last token (``min(j + r, e - 1)``):
+max is idempotent, so no remainder loop is needed. Padded query lanes hold zero
+vectors; their maxima are ignored by the final sum.
+
+All kernels use a finite sentinel ``NEG = -FLT_MAX`` instead of ``-inf`` (``fastmath``
+lets LLVM assume no infinities); wrappers turn it into ``-inf``.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from ._config import NJIT, NJIT_PARALLEL
+from .topk import topk_push
+
+#: Finite stand-in for -inf inside kernels (largest negative float32).
+NEG = np.float32(-3.4028234663852886e38)
+#: Query tokens per vector register.
+LANES = 16
+
+# --------------------------------------------------------------------------------------
+# A minimal 16 x float32 vector type
+# --------------------------------------------------------------------------------------
+_VT = ir.VectorType(ir.FloatType(), LANES)
+_I32 = ir.IntType(32)
+
+
+class F32x16Type(types.Type):
+    """Numba type of an LLVM ``<16 x float>`` value (lives in registers)."""
+
+    def __init__(self):
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16Type()
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VT)
+
+
+def _elem_ptr(context, builder, aryty, ary, idx):
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.gep(a.data, [idx], inbounds=True)
+
+
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_VT, ir.Undefined), x, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), mask)
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """16 float32 from ``arr.flat[idx:idx+16]`` (C-contiguous float32 array)."""
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, _VT.as_pointer()), align=4)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """Store 16 float32 at ``arr.flat[idx:idx+16]``."""
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, _VT.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast(typingctx, arr, idx):
+    """``arr.flat[idx]`` (float32) in all 16 lanes."""
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat(builder, builder.load(p, align=4))
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """A float32 scalar in all 16 lanes."""
+    sig = f32x16(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` lane-wise, fused."""
+    sig = f32x16(f32x16, f32x16, f32x16)
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_VT, [_VT, _VT, _VT])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """Lane-wise ``a + b``."""
+    sig = f32x16(f32x16, f32x16)
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """Lane-wise maximum."""
+    sig = f32x16(f32x16, f32x16)
+
+    def codegen(context, builder, sig, args):
+        c = builder.fcmp_ordered(">", args[0], args[1])
+        return builder.select(c, args[0], args[1])
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------------------
+# Per-document MaxSim
+# --------------------------------------------------------------------------------------
+@njit(**NJIT)
+def _max2(qp, base, dim, D1, s, e, mbuf, mo):
+    """Max over document tokens ``s:e`` for the 32 query lanes of vectors at ``base``.
+
+    Writes the 32 maxima to ``mbuf[mo:mo+32]``. 4 document tokens x 2 vectors per step.
+    """
+    m0 = vsplat(NEG)
+    m1 = vsplat(NEG)
+    b1 = base + dim * LANES
+    last = e - 1
+    z = vsplat(np.float32(0.0))
+    j = s
+    while j < e:
+        r0 = j * dim
+        r1 = min(j + 1, last) * dim
+        r2 = min(j + 2, last) * dim
+        r3 = min(j + 3, last) * dim
+        a00 = z
+        a01 = z
+        a10 = z
+        a11 = z
+        a20 = z
+        a21 = z
+        a30 = z
+        a31 = z
+        for d in range(dim):
+            qa = vload(qp, base + d * LANES)
+            qb = vload(qp, b1 + d * LANES)
+            x = vbroadcast(D1, r0 + d)
+            a00 = vfma(qa, x, a00)
+            a01 = vfma(qb, x, a01)
+            x = vbroadcast(D1, r1 + d)
+            a10 = vfma(qa, x, a10)
+            a11 = vfma(qb, x, a11)
+            x = vbroadcast(D1, r2 + d)
+            a20 = vfma(qa, x, a20)
+            a21 = vfma(qb, x, a21)
+            x = vbroadcast(D1, r3 + d)
+            a30 = vfma(qa, x, a30)
+            a31 = vfma(qb, x, a31)
+        m0 = vmax(m0, vmax(vmax(a00, a10), vmax(a20, a30)))
+        m1 = vmax(m1, vmax(vmax(a01, a11), vmax(a21, a31)))
+        j += 4
+    vstore(mbuf, mo, m0)
+    vstore(mbuf, mo + LANES, m1)
+
+
+@njit(**NJIT)
+def _max1(qp, base, dim, D1, s, e, mbuf, mo):
+    """Like :func:`_max2` for one vector of 16 query lanes (8 document tokens per step)."""
+    m0 = vsplat(NEG)
+    last = e - 1
+    z = vsplat(np.float32(0.0))
+    j = s
+    while j < e:
+        r0 = j * dim
+        r1 = min(j + 1, last) * dim
+        r2 = min(j + 2, last) * dim
+        r3 = min(j + 3, last) * dim
+        r4 = min(j + 4, last) * dim
+        r5 = min(j + 5, last) * dim
+        r6 = min(j + 6, last) * dim
+        r7 = min(j + 7, last) * dim
+        a0 = z
+        a1 = z
+        a2 = z
+        a3 = z
+        a4 = z
+        a5 = z
+        a6 = z
+        a7 = z
+        for d in range(dim):
+            qa = vload(qp, base + d * LANES)
+            a0 = vfma(qa, vbroadcast(D1, r0 + d), a0)
+            a1 = vfma(qa, vbroadcast(D1, r1 + d), a1)
+            a2 = vfma(qa, vbroadcast(D1, r2 + d), a2)
+            a3 = vfma(qa, vbroadcast(D1, r3 + d), a3)
+            a4 = vfma(qa, vbroadcast(D1, r4 + d), a4)
+            a5 = vfma(qa, vbroadcast(D1, r5 + d), a5)
+            a6 = vfma(qa, vbroadcast(D1, r6 + d), a6)
+            a7 = vfma(qa, vbroadcast(D1, r7 + d), a7)
+        m0 = vmax(m0, vmax(vmax(vmax(a0, a1), vmax(a2, a3)), vmax(vmax(a4, a5), vmax(a6, a7))))
+        j += 8
+    vstore(mbuf, mo, m0)
+
+
+@njit(**NJIT)
+def doc_maxsim(qp, qv0, nv, nq, dim, D1, s, e, mbuf):
+    """MaxSim of one packed query against document tokens ``D1[s*dim:e*dim]``.
+
+    ``qv0``: first vector of the query in ``qp``; ``nv`` vectors, ``nq`` real tokens;
+    ``mbuf``: float32 scratch of at least ``nv * 16``. Requires ``e > s``.
+    """
+    stride = dim * LANES
+    v = 0
+    while v + 2 <= nv:
+        _max2(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES)
+        v += 2
+    if v < nv:
+        _max1(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES)
+    t = np.float32(0.0)
+    for i in range(nq):
+        t += mbuf[i]
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# Scans
+# --------------------------------------------------------------------------------------
+@njit(**NJIT_PARALLEL)
+def maxsim_search_kernel(
+    qp, qv_off, q_len, dim, D1, d_off, alive, use_alive, bounds, k, ts, ti, cnt
+):
+    """Fused MaxSim top-k over all documents for a batch of packed queries.
+
+    Parallel over document chunks ``bounds (n_chunks + 1,)``; per chunk and query a
+    best-first list ``ts/ti[c, q, :k]`` with ``cnt[c, q]`` entries (merge with
+    ``topk.topk_merge``). Every document is scored against all queries while its tokens
+    are in cache. Empty documents and ``alive[doc] == 0`` (if ``use_alive``) are skipped.
+    """
+    nch = bounds.shape[0] - 1
+    nqry = q_len.shape[0]
+    maxnv = 1
+    for q in range(nqry):
+        maxnv = max(maxnv, qv_off[q + 1] - qv_off[q])
+    for c in prange(nch):
+        mbuf = np.empty(maxnv * LANES, np.float32)
+        for q in range(nqry):
+            cnt[c, q] = 0
+        for doc in range(bounds[c], bounds[c + 1]):
+            s = d_off[doc]
+            e = d_off[doc + 1]
+            if e <= s:
+                continue
+            if use_alive and alive[doc] == 0:
+                continue
+            for q in range(nqry):
+                v0 = qv_off[q]
+                sc = doc_maxsim(qp, v0, qv_off[q + 1] - v0, q_len[q], dim, D1, s, e, mbuf)
+                n = cnt[c, q]
+                if n < k or sc > ts[c, q, k - 1]:
+                    cnt[c, q] = topk_push(ts[c, q], ti[c, q], n, k, sc, doc)
+
+
+@njit(**NJIT_PARALLEL)
+def maxsim_rerank_kernel(qp, nv, nq, dim, D1, d_off, ids, out):
+    """``out[r]`` = MaxSim of one packed query with document ``ids[r]``.
+
+    ``ids[r] < 0`` or an empty document gives ``NEG``.
+    """
+    n = ids.shape[0]
+    nch = min(n, 256)
+    for c in prange(nch):
+        mbuf = np.empty(max(nv, 1) * LANES, np.float32)
+        for r in range(c * n // nch, (c + 1) * n // nch):
+            doc = ids[r]
+            if doc < 0:
+                out[r] = NEG
+                continue
+            s = d_off[doc]
+            e = d_off[doc + 1]
+            if e <= s:
+                out[r] = NEG
+            else:
+                out[r] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf)
+
+
+@njit(**NJIT_PARALLEL)
+def maxsim_scores_kernel(qp, nv, nq, dim, D1, d_off, out):
+    """``out[doc]`` = MaxSim of one packed query with every document (empty -> ``NEG``)."""
+    n = d_off.shape[0] - 1
+    nch = min(n, 256)
+    for c in prange(nch):
+        mbuf = np.empty(max(nv, 1) * LANES, np.float32)
+        for doc in range(c * n // nch, (c + 1) * n // nch):
+            s = d_off[doc]
+            e = d_off[doc + 1]
+            if e <= s:
+                out[doc] = NEG
+            else:
+                out[doc] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf)
