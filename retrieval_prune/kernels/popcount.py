@@ -1,0 +1,330 @@
+"""LLVM-level helpers shared by the kernels: popcount and small fixed-width SIMD vectors.
+
+``popcount(x)``
+    LLVM ``ctpop`` on an integer (``np.bitwise_count`` is rejected inside ``@njit`` in
+    Numba 0.68). In a loop LLVM vectorises it to ``VPOPCNTQ`` where AVX-512 VPOPCNTDQ
+    exists.
+
+``Vec`` and the ``v*`` intrinsics
+    A Numba type for an LLVM vector value (``<16 x float>``, ``<32 x i16>``, ...), kept in
+    registers, plus the handful of operations the kernels need (load, store, broadcast,
+    add, max, fma, xor, popcount, horizontal sums). They let a kernel pick the
+    vectorisation axis itself (e.g. query tokens across lanes) where LLVM's loop
+    vectoriser would pick another one, without leaving Numba. The vectors are plain LLVM
+    IR, so they lower to AVX-512 here and to pairs of AVX2 registers elsewhere.
+
+The lane count is a compile-time literal: ``vload(arr, i, 16)`` loads
+``arr.flat[i:i+16]`` of a C-contiguous array as ``Vec(arr.dtype, 16)``. Indexing is
+unchecked, like the rest of the kernels (the wrappers validate).
+"""
+
+from llvmlite import ir
+from numba import errors, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+__all__ = [
+    "popcount",
+    "Vec",
+    "vload",
+    "vstore",
+    "vbroadcast",
+    "vsplat",
+    "vadd",
+    "vmax",
+    "vmin",
+    "vfma",
+    "vxor",
+    "vpopcount",
+    "vhadd",
+    "vhmin",
+    "vlt_any",
+]
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """Number of set bits of an integer (LLVM ``ctpop``), as int64."""
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.int64(x)
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ty, [ty]), f"llvm.ctpop.i{ty.width}"
+        )
+        r = builder.call(fn, [args[0]])
+        if ty.width < 64:
+            return builder.zext(r, ir.IntType(64))
+        return r
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------------------
+# vector type
+# --------------------------------------------------------------------------------------
+class Vec(types.Type):
+    """``lanes`` values of the scalar Numba type ``dtype`` in one LLVM vector."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = int(lanes)
+        super().__init__(name=f"Vec({dtype}x{self.lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        elem = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(elem, fe_type.lanes))
+
+
+def _lanes(lanes):
+    if not isinstance(lanes, types.IntegerLiteral):
+        raise errors.RequireLiteralValue("the lane count must be a compile-time constant")
+    return lanes.literal_value
+
+
+def _ptr(context, builder, aryty, ary, idx):
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.gep(a.data, [idx], inbounds=True)
+
+
+def _splat(builder, x, lanes):
+    vt = ir.VectorType(x.type, lanes)
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
+    mask = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), mask)
+
+
+def _is_float(vt):
+    return isinstance(vt.dtype, types.Float)
+
+
+def _llvm_suffix(v):
+    """LLVM overload suffix of a vector value, e.g. ``v16f32`` or ``v8i64``."""
+    elem = v.type.element
+    if isinstance(elem, ir.FloatType):
+        name = "f32"
+    elif isinstance(elem, ir.DoubleType):
+        name = "f64"
+    else:
+        name = f"i{elem.width}"
+    return f"v{v.type.count}{name}"
+
+
+@intrinsic
+def vload(typingctx, arr, idx, lanes):
+    """``arr.flat[idx:idx+lanes]`` as a vector (C-contiguous ``arr``)."""
+    n = _lanes(lanes)
+    vt = Vec(arr.dtype, n)
+    sig = vt(arr, idx, lanes)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        lt = context.get_value_type(sig.return_type)
+        return builder.load(builder.bitcast(p, lt.as_pointer()), align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """Store vector ``v`` at ``arr.flat[idx:idx+lanes]``."""
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast(typingctx, arr, idx, lanes):
+    """``arr.flat[idx]`` in every lane."""
+    n = _lanes(lanes)
+    sig = Vec(arr.dtype, n)(arr, idx, lanes)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat(builder, builder.load(p), n)
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplat(typingctx, x, lanes):
+    """Scalar ``x`` in every lane (the vector has ``x``'s type)."""
+    n = _lanes(lanes)
+    sig = Vec(x, n)(x, lanes)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], n)
+
+    return sig, codegen
+
+
+def _binary(op):
+    def impl(typingctx, a, b):
+        if not isinstance(a, Vec) or a != b:
+            return None
+        sig = a(a, b)
+
+        def codegen(context, builder, sig, args):
+            return op(builder, sig.args[0], *args)
+
+        return sig, codegen
+
+    return impl
+
+
+def _add(builder, vt, x, y):
+    return builder.fadd(x, y) if _is_float(vt) else builder.add(x, y)
+
+
+def _cmp_select(pred_float, pred_signed, pred_unsigned):
+    def op(builder, vt, x, y):
+        if _is_float(vt):
+            c = builder.fcmp_ordered(pred_float, x, y)
+        elif vt.dtype.signed:
+            c = builder.icmp_signed(pred_signed, x, y)
+        else:
+            c = builder.icmp_unsigned(pred_unsigned, x, y)
+        return builder.select(c, x, y)
+
+    return op
+
+
+vadd = intrinsic(_binary(_add))
+vadd.__doc__ = "Lane-wise ``a + b`` (integers wrap)."
+vmax = intrinsic(_binary(_cmp_select(">", ">", ">")))
+vmax.__doc__ = "Lane-wise maximum (signedness from the element type)."
+vmin = intrinsic(_binary(_cmp_select("<", "<", "<")))
+vmin.__doc__ = "Lane-wise minimum (signedness from the element type)."
+vxor = intrinsic(_binary(lambda builder, vt, x, y: builder.xor(x, y)))
+vxor.__doc__ = "Lane-wise bitwise xor (integer vectors)."
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` lane-wise, fused (float vectors)."""
+    if not (isinstance(a, Vec) and _is_float(a) and a == b == c):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fma.{_llvm_suffix(args[0])}"
+        )
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def vpopcount(typingctx, a):
+    """Lane-wise popcount of an integer vector (``VPOPCNTQ``/``VPOPCNTD`` with AVX-512)."""
+    if not (isinstance(a, Vec) and isinstance(a.dtype, types.Integer)):
+        return None
+    sig = a(a)
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ty, [ty]), f"llvm.ctpop.{_llvm_suffix(args[0])}"
+        )
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def vhadd(typingctx, a):
+    """Sum of all lanes: float vectors -> float64, integer vectors -> int64 (widened first,
+    so ``uint8``/``int16`` lanes cannot overflow)."""
+    if not isinstance(a, Vec):
+        return None
+    ret = types.float64 if _is_float(a) else types.int64
+    sig = ret(a)
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        n = v.type.count
+        if _is_float(sig.args[0]):
+            wide = builder.fpext(v, ir.VectorType(ir.DoubleType(), n))
+            fn = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), wide.type]),
+                f"llvm.vector.reduce.fadd.v{n}f64",
+            )
+            return builder.call(fn, [ir.Constant(ir.DoubleType(), 0.0), wide])
+        # widen narrow lanes first: 8/16-bit to 32 bits (n * 65535 fits), 32 to 64 bits
+        width = v.type.element.width
+        if width < 64:
+            ext = builder.sext if sig.args[0].dtype.signed else builder.zext
+            v = ext(v, ir.VectorType(ir.IntType(32 if width < 32 else 64), n))
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(v.type.element, [v.type]),
+            f"llvm.vector.reduce.add.{_llvm_suffix(v)}",
+        )
+        r = builder.call(fn, [v])
+        if r.type.width < 64:
+            r = builder.sext(r, ir.IntType(64))  # a sum of widened lanes is in range
+        return r
+
+    return sig, codegen
+
+
+@intrinsic
+def vhmin(typingctx, a):
+    """Minimum over all lanes of an integer vector, as int64."""
+    if not (isinstance(a, Vec) and isinstance(a.dtype, types.Integer)):
+        return None
+    sig = types.int64(a)
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        signed = sig.args[0].dtype.signed
+        red = "smin" if signed else "umin"
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(v.type.element, [v.type]),
+            f"llvm.vector.reduce.{red}.{_llvm_suffix(v)}",
+        )
+        r = builder.call(fn, [v])
+        if r.type.width < 64:
+            r = builder.sext(r, ir.IntType(64)) if signed else builder.zext(r, ir.IntType(64))
+        return r
+
+    return sig, codegen
+
+
+@intrinsic
+def vlt_any(typingctx, a, b):
+    """True if any lane of ``a`` is below the same lane of ``b`` (integer vectors)."""
+    if not (isinstance(a, Vec) and a == b and isinstance(a.dtype, types.Integer)):
+        return None
+    sig = types.boolean(a, b)
+
+    def codegen(context, builder, sig, args):
+        pred = "<"
+        if sig.args[0].dtype.signed:
+            c = builder.icmp_signed(pred, args[0], args[1])
+        else:
+            c = builder.icmp_unsigned(pred, args[0], args[1])
+        n = c.type.count
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.IntType(1), [c.type]),
+            f"llvm.vector.reduce.or.v{n}i1",
+        )
+        return builder.call(fn, [c])
+
+    return sig, codegen
