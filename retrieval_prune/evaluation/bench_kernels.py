@@ -32,7 +32,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from retrieval_prune.kernels._config import NJIT, NJIT_PARALLEL
+from retrieval_prune.kernels._config import NJIT_PARALLEL
 
 __all__ = ["run", "main", "machine_info"]
 
@@ -153,7 +153,7 @@ def roof_sgemm(t: int, rng: np.random.Generator) -> float:
             b = rng.standard_normal((k, n), dtype=np.float32)
             c = np.empty((m, n), np.float32)
             np.matmul(a, b, out=c)
-            dt = _best_time(lambda: np.matmul(a, b, out=c), repeats=5)
+            dt = _best_time(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), repeats=5)
             best = max(best, 2.0 * m * k * n / dt / 1e9)
     return best
 
