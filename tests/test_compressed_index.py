@@ -103,6 +103,21 @@ def test_recall_of_exact_top10(spec, corpus, built):
     assert 5 not in res.ids and 77 not in res.ids  # empty documents never match
 
 
+@pytest.mark.parametrize("spec", list(RECALL))
+def test_numba_scan_equals_numpy_reference(spec, corpus, built):
+    docs, queries, _ = corpus
+    index = built[spec]
+    index.delete(["doc-1", "doc-50"])
+    try:
+        res = index.search(queries, k=20)
+        ref_s, ref_i = index.search_reference(queries, k=20)
+    finally:
+        index.alive[[1, 50]] = 1  # undelete: the fixture is shared
+    np.testing.assert_allclose(res.scores, ref_s, rtol=1e-4, atol=1e-4)
+    assert np.mean(res.ids == ref_i) > 0.97  # equal up to near-ties
+    assert 1 not in res.ids and 50 not in res.ids
+
+
 def test_f32_scores_equal_exact_maxsim(corpus, built):
     docs, queries, exact = corpus
     res = built["f32"].search(queries, k=10)

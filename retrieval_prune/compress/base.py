@@ -107,6 +107,27 @@ def code_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint8) if k <= 256 else np.dtype(np.uint16)
 
 
+class faiss_threads:
+    """Context manager: run faiss single-threaded for small inputs (an OpenMP team
+    costs more than it saves there, badly so on a shared machine)."""
+
+    def __init__(self, work: float, threshold: float = 2e8) -> None:
+        self.single = work < threshold
+
+    def __enter__(self):
+        import faiss
+
+        self.before = faiss.omp_get_max_threads()
+        if self.single:
+            faiss.omp_set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        import faiss
+
+        faiss.omp_set_num_threads(self.before)
+
+
 def nearest_centroid(
     x: np.ndarray, centroids: np.ndarray, dtype: np.dtype, k: int = 1
 ) -> np.ndarray:
@@ -117,10 +138,11 @@ def nearest_centroid(
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     out = np.empty((x.shape[0], k), dtype=dtype)
-    for a in range(0, x.shape[0], BATCH):
-        block = np.ascontiguousarray(x[a : a + BATCH], dtype=np.float32)
-        _, ids = index.search(block, k)
-        out[a : a + block.shape[0]] = ids
+    with faiss_threads(float(x.shape[0]) * centroids.shape[0] * centroids.shape[1]):
+        for a in range(0, x.shape[0], BATCH):
+            block = np.ascontiguousarray(x[a : a + BATCH], dtype=np.float32)
+            _, ids = index.search(block, k)
+            out[a : a + block.shape[0]] = ids
     return out[:, 0] if k == 1 else out
 
 

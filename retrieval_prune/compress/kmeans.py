@@ -25,6 +25,7 @@ from retrieval_prune.compress.base import (
     check_tokens,
     code_dtype,
     colbert_num_centroids,
+    faiss_threads,
     nearest_centroid,
     sample_rows,
 )
@@ -56,7 +57,8 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
         min_points_per_centroid=1,
         max_points_per_centroid=max(1, -(-x.shape[0] // k)),  # we sampled already
     )
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    with faiss_threads(float(x.shape[0]) * k * x.shape[1] * niter):
+        km.train(np.ascontiguousarray(x, dtype=np.float32))
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 

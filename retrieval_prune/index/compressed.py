@@ -38,6 +38,10 @@ __all__ = ["CompressedIndex", "blocked_maxsim"]
 BLOCK_BYTES = 1 << 27
 #: query tokens scored together
 QUERY_GROUP = 16384
+#: below this many stored vectors the scans run single-threaded
+PARALLEL_MIN_TOKENS = 1 << 16
+#: document tokens decoded at a time for the exact-MaxSim kernel
+DECODE_TOKENS = 1 << 17
 
 
 @register_index_type
@@ -153,10 +157,10 @@ class CompressedIndex(MultiVectorIndex):
         return self.chain.decode_search({n: np.asarray(p[a:b]) for n, p in self._parts.items()})
 
     def _query_side(self, q: np.ndarray) -> np.ndarray:
-        """What query tokens are scored with: a code table ``(n_q_tok, K)`` or vectors."""
+        """What query tokens are scored with: a code table ``(K, n_q_tok)`` or vectors."""
         codec = self.storage_codec
         if codec.score_kind == "table":
-            return np.ascontiguousarray(codec.query_table(q).T)
+            return codec.query_table(q)
         if codec.score_kind == "binary":
             return codec.query_vectors(q)
         return q
@@ -168,7 +172,60 @@ class CompressedIndex(MultiVectorIndex):
         return lambda a, b: qside @ self.decode_documents(a, b).T
 
     def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self.chain.transform(queries.embeddings)
+        kind = self.storage_codec.score_kind
+        if kind == "float":
+            from retrieval_prune.index.ops import maxsim_search
+
+            return self._search_decoded(maxsim_search, q, queries.offsets, k)
+        return self._search_scan(self._query_side(q), queries.offsets, k)
+
+    def _search_scan(self, qside: np.ndarray, q_off: np.ndarray, k: int):
+        """One Numba scan per query, straight from the codes (no decoded copy)."""
+        from retrieval_prune.compress import _scan
+
+        codec = self.storage_codec
+        kind = codec.score_kind
+        off = np.ascontiguousarray(self._offsets, dtype=np.int64)
+        alive = np.ascontiguousarray(self.alive, dtype=np.uint8)
+        n_q = q_off.shape[0] - 1
+        scores = np.full((n_q, k), -np.inf, np.float32)
+        ids = np.full((n_q, k), -1, np.int64)
+        per_doc = np.empty(off.shape[0] - 1, np.float32)
+        serial = off[-1] < PARALLEL_MIN_TOKENS
+        table_scan = _scan.table_scan_serial if serial else _scan.table_scan
+        residual_scan = _scan.residual_scan_serial if serial else _scan.residual_scan
+        sign_scan = _scan.sign_scan_serial if serial else _scan.sign_scan
+        if kind == "residual":
+            codes, packed = np.asarray(self._parts["codes"]), np.asarray(self._parts["residuals"])
+            cent = np.ascontiguousarray(codec.centroids_, dtype=np.float32)
+        elif kind == "table":
+            codes = np.asarray(self._parts["codes"])
+        else:
+            bits = np.asarray(self._parts["bits"])
+            scale = np.float32(1.0 / np.sqrt(codec.dim_in))
+        for i in range(n_q):
+            if kind == "table":  # qside: the (K, n_q_tok) table; this query's columns
+                qi = np.ascontiguousarray(qside[:, q_off[i] : q_off[i + 1]], dtype=np.float32)
+                table_scan(codes, qi, off, alive, per_doc)
+                scores[i], ids[i] = _scan.topk_from_scores(per_doc, k)
+                continue
+            qi = np.ascontiguousarray(qside[q_off[i] : q_off[i + 1]], dtype=np.float32)
+            if kind == "residual":
+                residual_scan(
+                    codes, packed, cent, codec.bucket_values_, codec.nbits, codec.normalize,
+                    qi, off, alive, per_doc,
+                )  # fmt: skip
+            else:
+                sign_scan(bits, scale, qi, off, alive, per_doc)
+            scores[i], ids[i] = _scan.topk_from_scores(per_doc, k)
+        return scores, ids
+
+    def search_reference(self, queries: MultiVectors, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Slow NumPy search (decode, then exact MaxSim) — the check for the Numba scans."""
         qside = self._query_side(self.chain.transform(queries.embeddings))
+        if self.storage_codec.score_kind == "table":
+            qside = np.ascontiguousarray(qside.T)  # (n_q_tok, K)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         qoff = queries.offsets
@@ -182,6 +239,27 @@ class CompressedIndex(MultiVectorIndex):
             scores[start:end], ids[start:end] = s, i
             start = end
         return scores, ids
+
+    def _search_decoded(self, maxsim_search, qv: np.ndarray, q_off: np.ndarray, k: int):
+        """Decode bounded chunks of documents and run the exact MaxSim kernel on each."""
+        off = np.asarray(self._offsets)
+        n_docs = off.shape[0] - 1
+        n_q = q_off.shape[0] - 1
+        best_s = np.full((n_q, k), -np.inf, np.float32)
+        best_i = np.full((n_q, k), -1, np.int64)
+        alive = np.asarray(self.alive)
+        da = 0
+        while da < n_docs:
+            db = int(np.searchsorted(off, off[da] + DECODE_TOKENS, side="right")) - 1
+            db = min(max(db, da + 1), n_docs)
+            ta, tb = int(off[da]), int(off[db])
+            if tb > ta and alive[da:db].any():
+                dec = np.ascontiguousarray(self.decode_documents(ta, tb), dtype=np.float32)
+                s, i = maxsim_search(qv, q_off, dec, off[da : db + 1] - ta, k, alive=alive[da:db])
+                i = np.where(i >= 0, i + da, -1)
+                best_s, best_i = merge_topk(best_s, best_i, s, i, k)
+            da = db
+        return best_s, best_i
 
     # -- persistence ------------------------------------------------------------------
     def _state_arrays(self) -> dict[str, np.ndarray]:
@@ -276,11 +354,16 @@ def blocked_maxsim(
             blk[:, cols] = 0.0
         if alive is not None:
             blk[:, np.asarray(alive[da:db]) == 0] = -np.inf
-        cand_s = np.concatenate([best_s, blk], axis=1)
-        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(da, db), blk.shape)], axis=1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(cand_s, order, axis=1)
-        best_i = np.take_along_axis(cand_i, order, axis=1)
+        best_s, best_i = merge_topk(best_s, best_i, blk, np.broadcast_to(np.arange(da, db), blk.shape), k)
         da = db
     best_i[~np.isfinite(best_s)] = -1
     return best_s, best_i
+
+
+def merge_topk(best_s, best_i, s, i, k):
+    """Top-``k`` of running results and a block whose ids all follow the running ones:
+    best first, ties to the lower id (a stable sort keeps earlier ids first)."""
+    cand_s = np.concatenate([best_s, s], axis=1)
+    cand_i = np.concatenate([best_i, i], axis=1)
+    order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand_s, order, axis=1), np.take_along_axis(cand_i, order, axis=1)
