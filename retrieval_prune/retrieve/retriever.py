@@ -1,0 +1,498 @@
+"""Text in, documents out: an index, the encoder that built it and its token steps.
+
+:class:`Retriever` is the one object the LangChain adapter and the HTTP server share. It
+encodes a query with the encoder the index records, replays the pipeline's token steps,
+searches, and returns :class:`Hit` objects carrying the stored text and metadata. It also
+adds and deletes documents (encoded the same way) and saves a new index generation.
+
+Thread safety: searches hold a shared (read) lock and run together; ``add`` / ``delete`` /
+``compact`` hold the exclusive (write) lock, so a search sees the index either before or
+after a mutation, never half of one. Encoder calls are serialised by their own lock (HF
+fast tokenizers are not safe to share between threads, and torch already uses every core),
+and happen outside the index lock so a slow encoding never blocks searches.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from retrieval_prune.index import storage
+from retrieval_prune.index.base import MultiVectorIndex, load_index
+from retrieval_prune.index.pipeline import Pipeline, make_pipeline
+from retrieval_prune.retrieve._rwlock import RWLock
+from retrieval_prune.retrieve.hashing import HASHING_MODE, HashingEncoder
+from retrieval_prune.types import MultiVectors, check_k
+
+__all__ = [
+    "Retriever",
+    "Hit",
+    "DuplicateIdError",
+    "UnknownIdError",
+    "load_encoder",
+    "METADATA_KEY",
+]
+
+#: key of ``index.info`` holding ``{doc_id: metadata dict}`` (documents with metadata only)
+METADATA_KEY = "doc_metadata"
+
+
+class DuplicateIdError(ValueError):
+    """An added id is already live in the index (or repeated in the batch)."""
+
+
+class UnknownIdError(KeyError):
+    """A deleted id is not live in the index."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class TextEncoder(Protocol):
+    """What a retriever needs from an encoder (``Encoder``, ``HashingEncoder``, a fake)."""
+
+    @property
+    def settings(self) -> dict[str, Any]: ...
+
+    def encode_queries(self, texts: Sequence[str], **kw: Any) -> MultiVectors: ...
+
+    def encode_documents(self, texts: Sequence[str], **kw: Any) -> MultiVectors: ...
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved document: external ``id``, MaxSim ``score``, stored ``text`` (None when
+    the index keeps no texts) and ``metadata`` (empty dict when none was given)."""
+
+    id: str
+    score: float
+    text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, with_text: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "score": self.score}
+        if with_text:
+            d["text"] = self.text
+            d["metadata"] = self.metadata
+        return d
+
+
+# -- encoder resolution ---------------------------------------------------------------------
+def _json_norm(x: Any) -> Any:
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
+def settings_diff(
+    recorded: Mapping[str, Any], actual: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted keys whose values differ between two settings dicts (recorded keys only)."""
+    out = []
+    for key, want in recorded.items():
+        have = actual.get(key, "<missing>")
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            out += settings_diff(want, have, f"{prefix}{key}.")
+        elif _json_norm(want) != _json_norm(have):
+            out.append(f"{prefix}{key}: index {want!r}, encoder {have!r}")
+    return out
+
+
+def load_encoder(settings: Mapping[str, Any], checkpoint: str | Path | None = None) -> TextEncoder:
+    """An encoder equal to the one described by ``settings`` (an index's ``encoder_settings``).
+
+    ``checkpoint`` names the checkpoint folder when the settings record a trained checkpoint
+    (an index records its name and sha256, not where it lives on this machine).
+    """
+    settings = dict(settings)
+    if settings.get("mode") == HASHING_MODE:
+        return HashingEncoder.from_settings(settings)
+    from retrieval_prune.encode import Encoder
+
+    if checkpoint is None and hasattr(Encoder, "from_settings"):
+        return Encoder.from_settings(settings)
+    # fallback until/unless Encoder.from_settings exists: rebuild from the recorded fields
+    ident = settings.get("checkpoint") or {}
+    name = ident.get("name") if isinstance(ident, Mapping) else ident
+    tok = settings.get("tokenizer") or {}
+    kw = {
+        k: tok[k]
+        for k in ("doc_maxlen", "query_maxlen", "keep_special_tokens", "skip_punctuation")
+        if k in tok
+    }
+    if checkpoint is not None:
+        return Encoder.load(checkpoint, **kw)
+    if name == "zero-shot":
+        return Encoder.load(None, **kw)
+    if name == "untrained-colbert":
+        return Encoder.load("untrained-colbert", **kw)
+    raise ValueError(
+        f"the index was encoded with checkpoint {name!r}, whose folder the index does not "
+        "record; pass checkpoint=FOLDER (CLI: --checkpoint FOLDER)"
+    )
+
+
+# -- input checks ---------------------------------------------------------------------------
+def _str_list(values: Any, what: str, allow_empty_items: bool) -> list[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what} must be a list of strings, got {type(values).__name__}")
+    out = list(values)
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise TypeError(f"{what}[{i}] is a {type(v).__name__}, expected str")
+        if not allow_empty_items and not v.strip():
+            raise ValueError(f"{what}[{i}] is empty; give some text")
+    return out
+
+
+class Retriever:
+    """Search an index with text; add and delete documents by text. Thread-safe.
+
+    Parameters
+    ----------
+    index : MultiVectorIndex
+        A built or loaded index (an empty one is fine; :meth:`add` fills it).
+    encoder : object with ``settings``, ``encode_queries``, ``encode_documents``
+        Must be the encoder the index was built with: when the index records encoder
+        settings they are compared and a mismatch raises ``ValueError``.
+    pipeline : Pipeline, optional
+        Whose token steps are replayed on queries and added documents; default
+        ``make_pipeline(index.pipeline_spec)``.
+    path : str or Path, optional
+        Index folder :meth:`save` writes to by default (set by :meth:`from_index`).
+    auto_compact : float or None
+        After a delete, compact when more than this fraction of positions are tombstones
+        (None: never; call :meth:`compact`).
+
+    Examples
+    --------
+    >>> from retrieval_prune.retrieve import HashingEncoder, Retriever
+    >>> r = Retriever.from_texts(["a", "b"], ["red apples", "green pears"], HashingEncoder())
+    >>> [h.id for h in r.retrieve("apples", k=1)]
+    ['a']
+    >>> r.add(["c"], ["ripe pears"], [{"shop": "x"}]); r.delete(["b"])
+    >>> [(h.id, h.metadata) for h in r.retrieve("pears", k=5)]  # every live document
+    [('c', {'shop': 'x'}), ('a', {})]
+    """
+
+    def __init__(
+        self,
+        index: MultiVectorIndex,
+        encoder: TextEncoder,
+        pipeline: Pipeline | None = None,
+        *,
+        path: str | Path | None = None,
+        auto_compact: float | None = 0.5,
+    ) -> None:
+        if not isinstance(index, MultiVectorIndex):
+            raise TypeError(f"index must be a MultiVectorIndex, got {type(index).__name__}")
+        for attr in ("settings", "encode_queries", "encode_documents"):
+            if not hasattr(encoder, attr):
+                raise TypeError(f"encoder {encoder!r} has no {attr!r}; pass an Encoder")
+        if auto_compact is not None and not 0.0 < auto_compact <= 1.0:
+            raise ValueError(f"auto_compact={auto_compact!r} must be in (0, 1] or None")
+        settings = dict(encoder.settings)
+        if index.encoder_settings:
+            diff = settings_diff(index.encoder_settings, settings)
+            if diff:
+                raise ValueError(
+                    "the encoder differs from the one the index was built with ("
+                    + "; ".join(diff[:5])
+                    + "); queries would be encoded differently from the documents"
+                )
+        else:
+            index.encoder_settings = settings
+        self.index = index
+        self.encoder = encoder
+        self.pipeline = pipeline if pipeline is not None else make_pipeline(index.pipeline_spec)
+        self.path = Path(path) if path is not None else None
+        self.auto_compact = auto_compact
+        self._metadata: dict[str, dict[str, Any]] = index.info.setdefault(METADATA_KEY, {})
+        self._lock = RWLock()
+        self._encode_lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._version = 0  # bumped by every mutation
+        self._saved: tuple[Path, int] | None = (self.path, 0) if self.path is not None else None
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_index(
+        cls,
+        path: str | Path,
+        *,
+        encoder: TextEncoder | None = None,
+        checkpoint: str | Path | None = None,
+        verify: bool = True,
+        auto_compact: float | None = 0.5,
+    ) -> Retriever:
+        """Open a saved index with the encoder its manifest records and its token steps.
+
+        ``checkpoint`` is needed only for an index built with a trained checkpoint folder;
+        ``encoder`` skips the lookup (it is still checked against the recorded settings).
+        """
+        index = load_index(path, verify=verify)
+        if encoder is None:
+            if not index.encoder_settings:
+                raise ValueError(
+                    f"{path} records no encoder settings (built from vectors); pass encoder="
+                )
+            encoder = load_encoder(index.encoder_settings, checkpoint)
+        return cls(
+            index, encoder, make_pipeline(index.pipeline_spec), path=path, auto_compact=auto_compact
+        )
+
+    @classmethod
+    def from_texts(
+        cls,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        encoder: TextEncoder,
+        pipeline: str = "exact",
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        path: str | Path | None = None,
+        progress: bool = False,
+        auto_compact: float | None = 0.5,
+    ) -> Retriever:
+        """Encode ``texts``, build an index with ``pipeline`` (a spec), optionally save it."""
+        ids = [str(i) for i in _str_list(ids, "ids", allow_empty_items=False)]
+        texts = _str_list(texts, "texts", allow_empty_items=True)
+        metas = _check_metadatas(metadatas, len(ids))
+        pipe = make_pipeline(pipeline)
+        docs = encoder.encode_documents(
+            texts, progress=progress, return_importance=pipe.needs_importance
+        )
+        index = pipe.build(docs, ids, texts=texts, encoder_settings=dict(encoder.settings))
+        index.info[METADATA_KEY] = {i: m for i, m in zip(ids, metas, strict=True) if m}
+        r = cls(index, encoder, pipe, path=path, auto_compact=auto_compact)
+        if path is not None:
+            r._saved = None
+            r.save()
+        return r
+
+    # -- search ---------------------------------------------------------------------------
+    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
+        """The ``k`` best documents for one query, best first."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        return self.retrieve_batch([query], k)[0]
+
+    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """The ``k`` best documents for each query (fewer when the index holds fewer)."""
+        queries = _str_list(queries, "queries", allow_empty_items=False)
+        k = check_k(k)
+        if not queries:
+            return []
+        with self._encode_lock:
+            qv = self.encoder.encode_queries(queries, progress=False)
+        qv = self.pipeline.transform_queries(qv)
+        with self._lock.read():
+            res = self.index.search(qv, k)
+            texts, ids = self.index.texts, self.index.doc_ids
+            out = []
+            for row_pos, row_score in zip(res.ids, res.scores, strict=True):
+                hits = []
+                for pos, score in zip(row_pos.tolist(), row_score.tolist(), strict=True):
+                    if pos < 0:
+                        continue
+                    did = ids[pos]
+                    hits.append(
+                        Hit(
+                            did,
+                            float(score),
+                            None if texts is None else texts[pos],
+                            dict(self._metadata.get(did, {})),
+                        )
+                    )
+                out.append(hits)
+        return out
+
+    # -- mutation -------------------------------------------------------------------------
+    def __contains__(self, doc_id: object) -> bool:
+        with self._lock.read():
+            return self._is_live(str(doc_id))
+
+    def _is_live(self, doc_id: str) -> bool:
+        pos = self.index._pos.get(doc_id)
+        return pos is not None and bool(self.index.alive[pos])
+
+    def get(self, doc_id: str) -> Hit:
+        """The stored text and metadata of a live document (score 0.0)."""
+        with self._lock.read():
+            if not self._is_live(doc_id):
+                raise UnknownIdError(f"unknown document id {doc_id!r}")
+            pos = self.index.position_of(doc_id)
+            text = None if self.index.texts is None else self.index.texts[pos]
+            return Hit(doc_id, 0.0, text, dict(self._metadata.get(doc_id, {})))
+
+    def add(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        """Encode and add documents (same encoder and token steps as the index).
+
+        Raises :class:`DuplicateIdError` (a ``ValueError``) when an id is repeated or
+        already live; nothing is added then. Empty texts are allowed (they never match).
+        """
+        ids = _str_list(ids, "ids", allow_empty_items=False)
+        texts = _str_list(texts, "texts", allow_empty_items=True)
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts; give one id per text")
+        metas = _check_metadatas(metadatas, len(ids))
+        if not ids:
+            return
+        seen: set[str] = set()
+        for i in ids:
+            if i in seen:
+                raise DuplicateIdError(f"id {i!r} appears twice in the batch; ids must be unique")
+            seen.add(i)
+        self._check_new(ids)  # fail before the (slow) encoding
+        with self._encode_lock:
+            docs = self.encoder.encode_documents(
+                texts, progress=False, return_importance=self.pipeline.needs_importance
+            )
+            docs = self.pipeline.transform_documents(docs, fit=False)
+        with self._lock.write():
+            self._check_new(ids, locked=True)  # another thread may have added them meanwhile
+            self.index.add(docs, ids, texts)
+            for i, m in zip(ids, metas, strict=True):
+                if m:
+                    self._metadata[i] = m
+                else:
+                    self._metadata.pop(i, None)
+            self._version += 1
+
+    def _check_new(self, ids: list[str], locked: bool = False) -> None:
+        def clashes() -> list[str]:
+            return [i for i in ids if self._is_live(i)]
+
+        if locked:
+            dup = clashes()
+        else:
+            with self._lock.read():
+                dup = clashes()
+        if dup:
+            raise DuplicateIdError(
+                f"id {dup[0]!r} is already in the index ({len(dup)} of {len(ids)} ids); "
+                "delete it first or choose another id"
+            )
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; an unknown id raises :class:`UnknownIdError` (a
+        ``KeyError``) and nothing is deleted."""
+        ids = _str_list(ids, "ids", allow_empty_items=False)
+        if not ids:
+            return
+        with self._lock.write():
+            unknown = [i for i in ids if not self._is_live(i)]
+            if unknown:
+                raise UnknownIdError(
+                    f"unknown document id {unknown[0]!r} ({len(unknown)} unknown); nothing deleted"
+                )
+            self.index.delete(list(dict.fromkeys(ids)))
+            for i in ids:
+                self._metadata.pop(i, None)
+            self._version += 1
+            n = self.index.n_positions
+            if (
+                self.auto_compact is not None
+                and n
+                and (n - len(self.index)) / n > self.auto_compact
+            ):
+                self.index.compact()
+
+    def compact(self) -> None:
+        """Drop tombstoned documents from the payload now (ids are kept)."""
+        with self._lock.write():
+            self.index.compact()
+            self._version += 1
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the current state as a new crash-safe generation; returns its folder.
+
+        Runs under the shared lock (searches go on). Concurrent saves are serialised and a
+        save that finds the same state already on disk writes nothing, so a newer
+        generation is never replaced by an older state.
+        """
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError("this retriever has no index folder; call save(path)")
+        with self._save_lock, self._lock.read():
+            if self._saved == (target, self._version) and (target / "CURRENT").is_file():
+                return storage.current_generation(target)
+            gen = self.index.save(target)
+            self._saved = (target, self._version)
+            if self.path is None:
+                self.path = target
+            return gen
+
+    # -- description ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        with self._lock.read():
+            return len(self.index)
+
+    def stats(self) -> dict[str, Any]:
+        """Documents, stored vectors, bytes, pipeline spec and encoder settings."""
+        with self._lock.read():
+            idx = self.index
+            payload = sum(int(np.asarray(a).nbytes) for a in idx._state_arrays().values())
+            out: dict[str, Any] = {
+                "docs": len(idx),
+                "positions": idx.n_positions,
+                "tombstones": idx.n_positions - len(idx),
+                "vectors": _maybe_int(getattr(idx, "n_vectors", None)),
+                "dim": idx.dim,
+                "bytes": payload,
+                "index_type": idx.index_type,
+                "pipeline": idx.pipeline_spec,
+                "encoder": idx.encoder_settings,
+                "has_texts": idx.texts is not None,
+                "mutations": self._version,
+                "path": None if self.path is None else str(self.path),
+                "saved": self._saved is not None and self._saved[1] == self._version,
+            }
+        if self.path is not None and (self.path / "CURRENT").is_file():
+            try:
+                gen = storage.current_generation(self.path)
+                out["generation"] = gen.name
+                out["disk_bytes"] = sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
+            except (OSError, ValueError):  # a concurrent save swapped generations
+                pass
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Retriever({len(self.index)} docs, pipeline={self.index.pipeline_spec!r}, "
+            f"encoder={self.encoder!r})"
+        )
+
+
+def _maybe_int(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+def _check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:
+    if metadatas is None:
+        return [{} for _ in range(n)]
+    if isinstance(metadatas, (str, bytes, Mapping)) or not isinstance(metadatas, Sequence):
+        raise TypeError(f"metadatas must be a list of dicts, got {type(metadatas).__name__}")
+    if len(metadatas) != n:
+        raise ValueError(f"{len(metadatas)} metadatas for {n} documents; give one per document")
+    out = []
+    for i, m in enumerate(metadatas):
+        if m is None:
+            m = {}
+        if not isinstance(m, Mapping):
+            raise TypeError(f"metadatas[{i}] is a {type(m).__name__}, expected a dict")
+        try:
+            m = json.loads(json.dumps(dict(m), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadatas[{i}] is not JSON-serialisable ({exc})") from None
+        out.append(m)
+    return out
