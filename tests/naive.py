@@ -51,3 +51,74 @@ def maxsim_search(q_emb, q_offsets, d_emb, d_offsets, k, alive=None):
         sc = maxsim_scores(q, d_emb, d_offsets)
         S[i], ids[i] = topk(sc, k, valid)
     return S, ids
+
+
+# ---- centroid codes -----------------------------------------------------------------
+def code_scores(table, codes, offsets) -> np.ndarray:
+    """sum_i max_j table[codes_j, i] per document (float64); -inf if empty."""
+    t = np.asarray(table, np.float64)
+    out = np.full(len(offsets) - 1, -np.inf)
+    for d in range(len(offsets) - 1):
+        c = codes[offsets[d] : offsets[d + 1]]
+        if c.size:
+            out[d] = t[c.astype(np.int64)].max(axis=0).sum()
+    return out
+
+
+def code_scores_u8(t8, scale, lo, codes, offsets) -> np.ndarray:
+    """Dequantised score of the uint8 table: scale * sum_i max_j t8 + n_q * lo."""
+    raw = code_scores(t8.astype(np.float64), codes, offsets)
+    return np.where(np.isfinite(raw), scale * raw + t8.shape[1] * lo, -np.inf)
+
+
+# ---- residuals ------------------------------------------------------------------------
+def residual_decode(codes, packed, centroids, bucket_values, nbits, normalize=False):
+    """Unpack LSB-first nbits indices dimension by dimension and add the centroid."""
+    n, nbytes = packed.shape
+    dim = centroids.shape[1]
+    per = 8 // nbits
+    out = np.zeros((n, dim), np.float64)
+    for i in range(n):
+        for d in range(dim):
+            byte = int(packed[i, d // per])
+            idx = (byte >> ((d % per) * nbits)) & ((1 << nbits) - 1)
+            out[i, d] = float(centroids[codes[i], d]) + float(bucket_values[idx])
+        if normalize:
+            nrm = np.linalg.norm(out[i])
+            if nrm > 0:
+                out[i] /= nrm
+    return out
+
+
+# ---- sign bits ------------------------------------------------------------------------
+def bits_to_signs(bits, dim) -> np.ndarray:
+    """Canonical LSB-first sign bits -> +-1 float64 (n, dim)."""
+    b = np.unpackbits(bits, axis=1, count=dim, bitorder="little")
+    return b.astype(np.float64) * 2.0 - 1.0
+
+
+def maxsim_binary(q, bits, offsets) -> np.ndarray:
+    """Exact asymmetric MaxSim: float query vs +-1 documents."""
+    s = bits_to_signs(bits, q.shape[1])
+    return maxsim_scores(q.astype(np.float64), s, offsets)
+
+
+def maxsim_hamming(q, bits, offsets, dim) -> np.ndarray:
+    """sum_i max_j (dim - 2 hamming) == +-1 dot-product MaxSim of the sign-binarised query."""
+    qs = bits_to_signs(np.packbits(q > 0, axis=1, bitorder="little"), dim)
+    return maxsim_scores(qs, bits_to_signs(bits, dim), offsets)
+
+
+def hamming_topk(q_codes_u8, codes_u8, k):
+    """Smallest-first Hamming top-k of uint8 (n_q, 16) queries over uint8 (n, 16) codes."""
+    qb = np.unpackbits(q_codes_u8, axis=1)
+    cb = np.unpackbits(codes_u8, axis=1)
+    nq, n = qb.shape[0], cb.shape[0]
+    dist = np.full((nq, k), np.iinfo(np.int32).max, np.int64)
+    ids = np.full((nq, k), -1, np.int64)
+    for i in range(nq):
+        d = (qb[i][None, :] != cb).sum(axis=1)
+        order = np.lexsort((np.arange(n), d))[:k]
+        dist[i, : order.size] = d[order]
+        ids[i, : order.size] = order
+    return dist, ids

@@ -158,3 +158,176 @@ def test_maxsim_float64_input_is_coerced():
     q = rng.standard_normal((2, 16))
     got = ops.maxsim_scores(q, d.astype(np.float64), off.astype(np.int32))
     np.testing.assert_allclose(got, naive.maxsim_scores(q, d, off), rtol=1e-5, atol=1e-5)
+
+
+# ---- centroid codes -----------------------------------------------------------------
+def make_codes(rng, lengths, n_centroids):
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    dt = np.uint8 if n_centroids <= 256 else np.uint16
+    return rng.integers(0, n_centroids, int(off[-1])).astype(dt), off
+
+
+@pytest.mark.parametrize("n_centroids", [7, 256, 300])
+@pytest.mark.parametrize("nq", [1, 5, 16, 32, 33, 70])
+def test_code_scores_f32_and_u8_vs_naive(n_centroids, nq):
+    rng = np.random.default_rng(n_centroids * 7 + nq)
+    dim = 24
+    cent = rng.standard_normal((n_centroids, dim)).astype(np.float32)
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    codes, off = make_codes(rng, LENGTHS * 2, n_centroids)
+    table = ops.code_table(cent, q)
+    np.testing.assert_allclose(table, cent @ q.T, rtol=1e-5, atol=1e-5)
+    got = ops.maxsim_code_scores(table, codes, off)
+    ref = naive.code_scores(table, codes, off)
+    assert got.dtype == np.float32 and np.array_equal(np.isinf(got), np.isinf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
+    # uint8 table: equal to its own naive reference, and within n_q * scale / 2 of float
+    qt = ops.quantize_table(table)
+    got8 = ops.maxsim_code_scores(qt, codes, off)
+    ref8 = naive.code_scores_u8(qt.t8, qt.scale, qt.lo, codes, off)
+    assert np.array_equal(np.isinf(got8), np.isinf(ref8))
+    np.testing.assert_allclose(got8[fin], ref8[fin], rtol=1e-5, atol=1e-4)
+    assert np.abs(got8[fin] - ref[fin]).max() <= nq * qt.scale / 2 + 1e-4
+    # candidate subset with padding
+    cand = np.array([5, -1, 0, 1, 5])
+    sub = ops.maxsim_code_scores(table, codes, off, cand_ids=cand)
+    np.testing.assert_array_equal(sub, np.where(cand >= 0, got[cand], -np.inf).astype(np.float32))
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_code_search_vs_naive(quant):
+    rng = np.random.default_rng(11)
+    cent = rng.standard_normal((40, 16)).astype(np.float32)
+    q = rng.standard_normal((9, 16)).astype(np.float32)
+    codes, off = make_codes(rng, LENGTHS * 4, 40)
+    table = ops.code_table(cent, q)
+    t = ops.quantize_table(table) if quant else table
+    scores = ops.maxsim_code_scores(t, codes, off)
+    alive = rng.random(len(off) - 1) > 0.2
+    for k in (1, 5, 200):
+        s, i = ops.maxsim_code_search(t, codes, off, k, alive=alive)
+        rs, ri = naive.topk(scores.astype(np.float64), k, alive)
+        assert_topk_matches(s[None], i[None], rs[None], ri[None])
+        assert not np.isin(i, np.flatnonzero(~alive)).any()
+
+
+def test_code_validation():
+    codes = np.array([0, 1, 9], np.uint8)
+    off = np.array([0, 3])
+    with pytest.raises(ValueError, match="K=4"):
+        ops.maxsim_code_scores(np.zeros((4, 2), np.float32), codes, off)
+    with pytest.raises(ValueError, match="offsets"):
+        ops.maxsim_code_scores(np.zeros((10, 2), np.float32), codes, np.array([0, 2]))
+
+
+# ---- residuals ------------------------------------------------------------------------
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_residual_decode_and_rerank_vs_naive(nbits, normalize):
+    rng = np.random.default_rng(nbits * 10 + normalize)
+    dim, K = 32, 16
+    cent = rng.standard_normal((K, dim)).astype(np.float32)
+    bv = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.1
+    lengths = LENGTHS
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    n = int(off[-1])
+    codes = rng.integers(0, K, n).astype(np.uint8)
+    packed = rng.integers(0, 256, (n, dim * nbits // 8)).astype(np.uint8)
+    dec = ops.residual_decode(codes, packed, cent, bv, nbits, normalize=normalize)
+    ref = naive.residual_decode(codes, packed, cent, bv, nbits, normalize=normalize)
+    np.testing.assert_allclose(dec, ref, rtol=1e-5, atol=1e-5)
+    q = rng.standard_normal((5, dim)).astype(np.float32)
+    cand = np.array([3, 0, -1, 15, 8, 1])
+    got = ops.maxsim_residual_rerank(q, codes, packed, off, cent, bv, nbits, cand, normalize)
+    full = naive.maxsim_scores(q, ref, off)
+    exp = np.where(cand >= 0, full[cand], -np.inf)
+    assert np.array_equal(np.isinf(got), np.isinf(exp))
+    fin = np.isfinite(exp)
+    np.testing.assert_allclose(got[fin], exp[fin], rtol=1e-5, atol=1e-4)
+    # all documents when cand_ids is None
+    allv = ops.maxsim_residual_rerank(q, codes, packed, off, cent, bv, nbits, None, normalize)
+    assert allv.shape == (len(lengths),)
+
+
+def test_residual_validation():
+    cent = np.zeros((4, 16), np.float32)
+    with pytest.raises(ValueError, match="nbits=3"):
+        ops.residual_decode(np.zeros(1, np.uint8), np.zeros((1, 6), np.uint8), cent, np.zeros(8), 3)
+    with pytest.raises(ValueError, match="bucket_values"):
+        ops.residual_decode(np.zeros(1, np.uint8), np.zeros((1, 4), np.uint8), cent, np.zeros(3), 2)
+    with pytest.raises(ValueError, match="packed"):
+        ops.residual_decode(np.zeros(1, np.uint8), np.zeros((1, 5), np.uint8), cent, np.zeros(4), 2)
+
+
+# ---- sign bits ------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [64, 128, 384, 72])
+@pytest.mark.parametrize("nq", [1, 5, 32, 33])
+def test_maxsim_binary_and_hamming_vs_naive(dim, nq):
+    rng = np.random.default_rng(dim + nq)
+    x, off = make_docs(rng, LENGTHS, dim)
+    x[3] = x[2]  # duplicate vectors
+    bits = ops.sign_bits(x)
+    assert np.array_equal(bits, np.packbits(x > 0, axis=1, bitorder="little"))
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    # asymmetric, within the documented int16-table error bound
+    lut = ops.binary_lut(q)
+    got = ops.maxsim_binary(lut, bits, off)
+    ref = naive.maxsim_binary(q, bits, off)
+    assert np.array_equal(np.isinf(got), np.isinf(ref))
+    fin = np.isfinite(ref)
+    bound = nq * lut.lut.shape[1] * lut.scale / 2 + 1e-4
+    assert np.abs(got[fin] - ref[fin]).max() <= bound
+    np.testing.assert_array_equal(ops.maxsim_binary(q, bits, off), got)
+    # bits vs bits: exact integers
+    planar = ops.to_planar(bits, off, dim)
+    assert planar.words.shape[1] % 8 == 0
+    h = ops.maxsim_hamming(q, planar)
+    href = naive.maxsim_hamming(q, bits, off, dim)
+    assert np.array_equal(np.isinf(h), np.isinf(href))
+    np.testing.assert_array_equal(h[fin], href[fin].astype(np.float32))
+    # query given as canonical bits gives the same scores
+    np.testing.assert_array_equal(ops.maxsim_hamming(ops.sign_bits(q), planar), h)
+    cand = np.array([4, -1, 0, 1])
+    np.testing.assert_array_equal(
+        ops.maxsim_hamming(q, planar, cand), np.where(cand >= 0, h[cand], -np.inf)
+    )
+    np.testing.assert_array_equal(
+        ops.maxsim_binary(lut, bits, off, cand), np.where(cand >= 0, got[cand], -np.inf)
+    )
+
+
+def test_popcount_intrinsic():
+    from numba import njit
+
+    from retrieval_prune.kernels.popcount import popcount
+
+    @njit
+    def pc(x):
+        return popcount(x)
+
+    for v in (0, 1, 255, 2**63, 2**64 - 1, 0x5555):
+        assert pc(np.uint64(v)) == bin(v).count("1")
+    assert pc(np.uint8(7)) == 3
+
+
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_hamming_scan_128_vs_naive(n):
+    rng = np.random.default_rng(n)
+    codes = rng.integers(0, 256, (n, 16)).astype(np.uint8)
+    codes[n // 2] = codes[0]  # duplicates -> ties
+    q = np.concatenate([codes[:1], rng.integers(0, 256, (2, 16)).astype(np.uint8)])
+    for k in (1, 10, n + 3):
+        dist, ids = ops.hamming_scan_128(q, codes, k)
+        rd, ri = naive.hamming_topk(q, codes, k)
+        assert dist.dtype == np.int32 and ids.dtype == np.int64
+        np.testing.assert_array_equal(dist, rd)
+        np.testing.assert_array_equal(ids, ri)
+    # uint64 words and a single 1-D query give the same answer
+    d1, i1 = ops.hamming_scan_128(q[0].view("<u8"), codes.view("<u8"), 5)
+    d2, i2 = ops.hamming_scan_128(q[:1], codes, 5)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(i1, i2)

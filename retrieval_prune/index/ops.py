@@ -25,9 +25,13 @@ Examples
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
+from ..kernels import binary as _bin
+from ..kernels import codes as _codes_k
 from ..kernels import maxsim as _ms
 from ..kernels.topk import topk_merge
 from ..types import check_k
@@ -37,6 +41,21 @@ __all__ = [
     "maxsim_search",
     "maxsim_scores",
     "maxsim_rerank",
+    "QuantizedTable",
+    "code_table",
+    "quantize_table",
+    "maxsim_code_scores",
+    "maxsim_code_search",
+    "residual_decode",
+    "maxsim_residual_rerank",
+    "PlanarBits",
+    "sign_bits",
+    "to_planar",
+    "maxsim_hamming",
+    "BinaryLUT",
+    "binary_lut",
+    "maxsim_binary",
+    "hamming_scan_128",
 ]
 
 _LANES = _ms.LANES
@@ -307,3 +326,470 @@ def maxsim_rerank(q, d_emb, d_offsets, cand_ids) -> np.ndarray:
         _ms.maxsim_rerank_kernel(qp, nv, nq, d.shape[1], d.reshape(-1), d_off, ids, out)
     out[(ids < 0) | (d_off[ids + 1] == d_off[ids])] = -np.inf
     return out
+
+
+# --------------------------------------------------------------------------------------
+# centroid codes
+# --------------------------------------------------------------------------------------
+class QuantizedTable(NamedTuple):
+    """A code table quantised to uint8 per query: ``T ~= scale * t8 + lo``.
+
+    ``t8`` uint8 ``(K, n_q)``; ``n_q`` real query tokens.
+    """
+
+    t8: np.ndarray
+    scale: float
+    lo: float
+
+
+def code_table(centroids, q) -> np.ndarray:
+    """Per-query table ``T = centroids @ q.T``: float32 ``(K, n_q)``.
+
+    Parameters
+    ----------
+    centroids : float32 (K, dim)
+    q : float32 (n_q, dim)
+    """
+    c = _f32_matrix(centroids, "centroids")
+    qq = _f32_matrix(q, "q", dim=c.shape[1])
+    _finite(qq, "q")
+    return np.ascontiguousarray(c @ qq.T)
+
+
+def quantize_table(table) -> QuantizedTable:
+    """Quantise a float table to uint8 with one scale/offset per query (round to nearest).
+
+    The score error of :func:`maxsim_code_scores` with the result is at most
+    ``n_q * scale / 2``.
+    """
+    t = _f32_matrix(table, "table")
+    _finite(t, "table")
+    lo = float(t.min()) if t.size else 0.0
+    hi = float(t.max()) if t.size else 0.0
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    t8 = np.clip(np.rint((t.astype(np.float64) - lo) / scale), 0, 255).astype(np.uint8)
+    return QuantizedTable(t8, scale, lo)
+
+
+def _codes(codes, offsets, n_centroids: int):
+    c = np.asarray(codes)
+    if c.ndim != 1:
+        raise ValueError(f"codes must be 1-D (n_tokens,), got shape {c.shape}")
+    if c.dtype not in (np.uint8, np.uint16):
+        if not np.issubdtype(c.dtype, np.integer):
+            raise TypeError(f"codes dtype is {c.dtype}, expected uint8 (K <= 256) or uint16")
+        if c.size and (c.min() < 0 or c.max() > 65535):
+            raise ValueError("codes must be in [0, 65535]; store them as uint8/uint16")
+        c = c.astype(np.uint8 if n_centroids <= 256 else np.uint16)
+    c = np.ascontiguousarray(c)
+    limit = 256 if c.dtype == np.uint8 else 65536
+    if n_centroids < limit and c.size and int(c.max()) >= n_centroids:
+        raise ValueError(
+            f"codes hold id {int(c.max())} but the table has only K={n_centroids} rows; "
+            "use the codebook the codes were built with"
+        )
+    off = _offsets(offsets, c.shape[0], "offsets")
+    return c, off
+
+
+def _pad_lanes(t: np.ndarray, lanes: int) -> np.ndarray:
+    k, n = t.shape
+    w = max(lanes, -(-n // lanes) * lanes)
+    out = np.zeros((k, w), t.dtype)
+    out[:, :n] = t
+    return out
+
+
+def _ids_or_all(cand_ids, n_docs: int):
+    if cand_ids is None:
+        return np.zeros(1, np.int64), False, n_docs
+    ids = _cand_ids(cand_ids, n_docs)
+    return ids, True, ids.shape[0]
+
+
+def maxsim_code_scores(table, codes, offsets, cand_ids=None) -> np.ndarray:
+    """MaxSim of one query against centroid-id documents: ``sum_i max_j T[code_j, i]``.
+
+    Parameters
+    ----------
+    table : float32 (K, n_q) or QuantizedTable
+        From :func:`code_table` (optionally :func:`quantize_table`, ~2-3x faster).
+    codes : uint8 (K <= 256) or uint16 (n_tokens,)
+    offsets : int64 (n_docs + 1,)
+    cand_ids : int (n_cand,), optional
+        Score only these documents (``-1`` allowed as padding).
+
+    Returns
+    -------
+    float32 (n_docs,) or (n_cand,)
+        ``-inf`` for an empty document or a ``-1`` candidate.
+    """
+    quant = isinstance(table, QuantizedTable)
+    t = table.t8 if quant else _f32_matrix(table, "table")
+    if quant and (t.dtype != np.uint8 or t.ndim != 2):
+        raise TypeError("QuantizedTable.t8 must be a uint8 (K, n_q) array")
+    c, off = _codes(codes, offsets, t.shape[0])
+    ids, use_ids, n = _ids_or_all(cand_ids, off.shape[0] - 1)
+    out = np.empty(n, np.float32)
+    if n == 0:
+        return out
+    n_q = t.shape[1]
+    if quant:
+        tp = _pad_lanes(np.ascontiguousarray(t), _codes_k.LANES_U8)
+        _codes_k.code_u8_scores_kernel(
+            tp.reshape(-1), tp.shape[1], float(table.scale), float(n_q * table.lo),
+            c, off, ids, use_ids, out,
+        )  # fmt: skip
+    else:
+        tp = _pad_lanes(t, _LANES)
+        _codes_k.code_f32_scores_kernel(tp.reshape(-1), tp.shape[1], c, off, ids, use_ids, out)
+    docs = ids if use_ids else np.arange(n)
+    out[(docs < 0) | (off[docs + 1] == off[docs])] = -np.inf
+    return out
+
+
+def maxsim_code_search(table, codes, offsets, k: int, alive=None):
+    """Top-k documents of one query by code MaxSim (fused into the scan).
+
+    Same inputs as :func:`maxsim_code_scores`; returns ``(scores float32 (k,),
+    ids int64 (k,))`` best first, ties by lower id, padded with ``-inf`` / ``-1``.
+    """
+    k = check_k(k)
+    quant = isinstance(table, QuantizedTable)
+    t = table.t8 if quant else _f32_matrix(table, "table")
+    c, off = _codes(codes, offsets, t.shape[0])
+    n_docs = off.shape[0] - 1
+    alive_u8, use_alive = _alive_mask(alive, n_docs)
+    out_s = np.full((1, k), -np.inf, np.float32)
+    out_i = np.full((1, k), -1, np.int64)
+    if n_docs == 0:
+        return out_s[0], out_i[0]
+    kk = min(k, n_docs)
+    bounds = _chunk_bounds(off, _n_chunks(n_docs))
+    nch = bounds.shape[0] - 1
+    ts = np.empty((nch, 1, kk), np.float32)
+    ti = np.empty((nch, 1, kk), np.int64)
+    cnt = np.zeros((nch, 1), np.int64)
+    n_q = t.shape[1]
+    if quant:
+        t8 = _pad_lanes(np.ascontiguousarray(t), _codes_k.LANES_U8)
+        t32, W, scale, offset = np.zeros(16, np.float32), t8.shape[1], table.scale, n_q * table.lo
+    else:
+        t32 = _pad_lanes(t, _LANES)
+        t8, W, scale, offset = np.zeros(32, np.uint8), t32.shape[1], 1.0, 0.0
+    _codes_k.code_search_kernel(
+        t32.reshape(-1), t8.reshape(-1), quant, W, float(scale), float(offset), c, off,
+        alive_u8, use_alive, bounds, kk, ts, ti, cnt,
+    )  # fmt: skip
+    topk_merge(ts, ti, cnt, _ms.NEG, out_s[:, :kk], out_i[:, :kk])
+    out_s[out_i < 0] = -np.inf
+    return out_s[0], out_i[0]
+
+
+# --------------------------------------------------------------------------------------
+# residuals
+# --------------------------------------------------------------------------------------
+def _residual_inputs(codes, packed, centroids, bucket_values, nbits):
+    if nbits not in (1, 2, 4):
+        raise ValueError(f"nbits={nbits!r}: residual bits must be 1, 2 or 4")
+    cent = _f32_matrix(centroids, "centroids")
+    dim = cent.shape[1]
+    if dim * nbits % 8:
+        raise ValueError(f"dim={dim} with nbits={nbits} does not fill whole bytes")
+    bv = np.ascontiguousarray(np.asarray(bucket_values, dtype=np.float32).reshape(-1))
+    if bv.shape[0] != 1 << nbits:
+        raise ValueError(
+            f"bucket_values has {bv.shape[0]} entries, nbits={nbits} needs {1 << nbits}"
+        )
+    _finite(bv.reshape(1, -1), "bucket_values")
+    c = np.asarray(codes)
+    if c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"codes must be a 1-D integer array, got {c.dtype} {c.shape}")
+    if c.size and (c.min() < 0 or c.max() >= cent.shape[0]):
+        raise ValueError(
+            f"codes hold ids outside [0, K={cent.shape[0]}); use the matching centroids"
+        )
+    c = np.ascontiguousarray(c)
+    p = np.asarray(packed)
+    nbytes = dim * nbits // 8
+    if p.dtype != np.uint8 or p.shape != (c.shape[0], nbytes):
+        raise ValueError(
+            f"packed residuals must be uint8 ({c.shape[0]}, {nbytes}) for dim={dim}, "
+            f"nbits={nbits}; got {p.dtype} {p.shape}"
+        )
+    per = 8 // nbits
+    v = np.arange(256)[:, None] >> (np.arange(per)[None, :] * nbits) & ((1 << nbits) - 1)
+    lut = np.ascontiguousarray(bv[v], dtype=np.float32)  # (256, per)
+    return c, np.ascontiguousarray(p), cent, lut, per
+
+
+def residual_decode(codes, packed, centroids, bucket_values, nbits: int, normalize=False):
+    """Decode residual-coded tokens: ``centroids[code] + bucket_values[bits]`` per dim.
+
+    Parameters
+    ----------
+    codes : int (n_tokens,)
+    packed : uint8 (n_tokens, dim * nbits / 8), LSB-first bucket indices
+    centroids : float32 (K, dim)
+    bucket_values : float32 (2 ** nbits,)
+    nbits : 1, 2 or 4
+    normalize : L2-renormalise every decoded vector (colbert-ai does)
+
+    Returns
+    -------
+    float32 (n_tokens, dim)
+    """
+    c, p, cent, lut, per = _residual_inputs(codes, packed, centroids, bucket_values, nbits)
+    out = np.empty((c.shape[0], cent.shape[1]), np.float32)
+    if c.size:
+        _codes_k.residual_decode_kernel(c, p, cent, lut, per, bool(normalize), out.reshape(-1))
+    return out
+
+
+def maxsim_residual_rerank(
+    q, codes, packed, offsets, centroids, bucket_values, nbits: int, cand_ids=None,
+    normalize=False,
+) -> np.ndarray:  # fmt: skip
+    """Exact MaxSim of one query against residual-decoded candidate documents.
+
+    Documents are decoded on the fly (never materialised). ``cand_ids=None`` scores all.
+
+    Returns
+    -------
+    float32 (n_cand,) (or (n_docs,)); ``-inf`` for an empty document or id ``-1``.
+    """
+    c, p, cent, lut, per = _residual_inputs(codes, packed, centroids, bucket_values, nbits)
+    off = _offsets(offsets, c.shape[0], "offsets")
+    n_docs = off.shape[0] - 1
+    ids = np.arange(n_docs, dtype=np.int64) if cand_ids is None else _cand_ids(cand_ids, n_docs)
+    qp, nv, nq = _single_query(q, cent.shape[1])
+    out = np.empty(ids.shape[0], np.float32)
+    if out.size:
+        max_len = int(np.diff(off).max()) if n_docs else 0
+        _codes_k.residual_rerank_kernel(
+            qp, nv, nq, c, p, cent, lut, per, bool(normalize), off, ids, max_len, out
+        )
+        out[(ids < 0) | (off[ids + 1] == off[ids])] = -np.inf
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# sign bits
+# --------------------------------------------------------------------------------------
+class PlanarBits(NamedTuple):
+    """Planar sign bits for :func:`maxsim_hamming` (built by :func:`to_planar`).
+
+    ``words`` uint64 ``(n_words, n_padded)``: word ``w`` of every (padded) token,
+    contiguous; ``offsets`` int64 ``(n_docs + 1,)`` into the padded tokens (documents
+    padded to a multiple of 8 tokens by repeating their last token); ``dim``.
+    """
+
+    words: np.ndarray
+    offsets: np.ndarray
+    dim: int
+
+
+def _bits(bits, dim: int | None = None) -> np.ndarray:
+    b = np.asarray(bits)
+    if b.ndim != 2 or b.dtype != np.uint8:
+        raise ValueError(
+            f"bits must be uint8 (n_tokens, dim/8) from np.packbits(x > 0, axis=1, "
+            f"bitorder='little'), got {b.dtype} {b.shape}"
+        )
+    if dim is not None and b.shape[1] != -(-dim // 8):
+        raise ValueError(f"bits have {b.shape[1]} bytes per token; dim={dim} needs {-(-dim // 8)}")
+    return np.ascontiguousarray(b)
+
+
+def _words(bits: np.ndarray) -> np.ndarray:
+    """uint8 (n, nbytes) -> little-endian uint64 words (n, ceil(nbytes / 8))."""
+    n, nb = bits.shape
+    nw = -(-nb // 8)
+    if nb != nw * 8:
+        bits = np.concatenate([bits, np.zeros((n, nw * 8 - nb), np.uint8)], axis=1)
+    return np.ascontiguousarray(bits).view("<u8").astype(np.uint64, copy=False).reshape(n, nw)
+
+
+def sign_bits(x) -> np.ndarray:
+    """Canonical sign bits ``np.packbits(x > 0, axis=1, bitorder='little')``."""
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise ValueError(f"x must be 2-D (n, dim), got shape {a.shape}")
+    return np.packbits(a > 0, axis=1, bitorder="little")
+
+
+def to_planar(bits, offsets, dim: int | None = None) -> PlanarBits:
+    """Build the planar word layout of :mod:`retrieval_prune.kernels.binary` (once per index).
+
+    Parameters
+    ----------
+    bits : uint8 (n_tokens, ceil(dim / 8)), canonical sign bits
+    offsets : int64 (n_docs + 1,)
+    dim : vector dimension (default ``8 * bits.shape[1]``)
+    """
+    b = _bits(bits, dim)
+    dim = 8 * b.shape[1] if dim is None else int(dim)
+    off = _offsets(offsets, b.shape[0], "offsets")
+    lens = np.diff(off)
+    plen = -(-lens // 8) * 8
+    p_off = np.zeros_like(off)
+    np.cumsum(plen, out=p_off[1:])
+    words = _words(b)
+    doc = np.repeat(np.arange(lens.shape[0]), plen)
+    r = np.arange(int(p_off[-1])) - p_off[doc]
+    src = off[doc] + np.minimum(r, lens[doc] - 1)
+    planar = np.ascontiguousarray(words[src].T)
+    return PlanarBits(planar, p_off, dim)
+
+
+def maxsim_hamming(q, planar: PlanarBits, cand_ids=None) -> np.ndarray:
+    """Bits-vs-bits MaxSim: ``sum_i max_j (dim - 2 * hamming(q_i, d_j))``.
+
+    Parameters
+    ----------
+    q : float (n_qtok, dim) -- sign-binarised here -- or uint8 canonical bits
+    planar : PlanarBits from :func:`to_planar`
+    cand_ids : optional candidate documents (``-1`` allowed)
+
+    Returns
+    -------
+    float32 (n_docs,) or (n_cand,); equals the +-1 dot-product MaxSim. ``-inf`` if empty.
+    """
+    if not isinstance(planar, PlanarBits):
+        raise TypeError("planar must come from to_planar(bits, offsets)")
+    dim = planar.dim
+    qa = np.asarray(q)
+    if qa.dtype == np.uint8:
+        qb = _bits(qa, dim)
+    else:
+        qf = _f32_matrix(qa, "q", dim=dim)
+        _finite(qf, "q")
+        qb = sign_bits(qf)
+    qw = _words(qb)
+    nw = qw.shape[1]
+    if planar.words.shape[0] != nw:
+        raise ValueError(f"query has {nw} words per token, planar codes {planar.words.shape[0]}")
+    p_off = planar.offsets
+    ids, use_ids, n = _ids_or_all(cand_ids, p_off.shape[0] - 1)
+    out = np.empty(n, np.float32)
+    if n:
+        P = np.ascontiguousarray(planar.words)
+        _bin.hamming_scores_kernel(
+            qw.reshape(-1), qw.shape[0], nw, dim, P.reshape(-1), P.shape[1], p_off, ids,
+            use_ids, out,
+        )  # fmt: skip
+        docs = ids if use_ids else np.arange(n)
+        out[(docs < 0) | (p_off[docs + 1] == p_off[docs])] = -np.inf
+    return out
+
+
+class BinaryLUT(NamedTuple):
+    """Per-query int16 lookup table of :func:`maxsim_binary` (see kernels/binary.py)."""
+
+    lut: np.ndarray  # int16 (n_groups, n_bytes, 256, 32)
+    scale: float
+    n_q: int
+    dim: int
+
+
+def binary_lut(q) -> BinaryLUT:
+    """Build the asymmetric scoring table of a float query (``dim`` from ``q``)."""
+    qf = _f32_matrix(q, "q")
+    _finite(qf, "q")
+    n_q, dim = qf.shape
+    nb = -(-dim // 8)
+    lanes = _bin.LANES_I16
+    ng = max(1, -(-n_q // lanes))
+    qpad = np.zeros((ng * lanes, nb * 8), np.float64)
+    qpad[:n_q, :dim] = qf
+    # signs[v, t] = +1 if bit t of v is set else -1
+    signs = ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1) * 2.0 - 1.0
+    # partial[b, v, i] = sum_t q[i, 8b + t] * signs[v, t]
+    partial = np.einsum("vt,ibt->bvi", signs, qpad.reshape(-1, nb, 8))
+    qmax = 32767 // nb
+    amax = float(np.abs(partial).max())
+    scale = amax / qmax if amax > 0 else 1.0
+    lut16 = np.rint(partial / scale).astype(np.int16)  # (nb, 256, ng * lanes)
+    lut = np.ascontiguousarray(lut16.reshape(nb, 256, ng, lanes).transpose(2, 0, 1, 3))
+    return BinaryLUT(lut, scale, n_q, dim)
+
+
+def maxsim_binary(q, bits, offsets, cand_ids=None) -> np.ndarray:
+    """Asymmetric MaxSim: float query vs +-1 document bits.
+
+    ``score = sum_i max_j sum_d q_id * (2 bit_jd - 1)``, computed with a per-query int16
+    lookup table (:func:`binary_lut`); absolute error at most ``n_q * n_bytes * scale / 2``
+    (``BinaryLUT.scale``), about 1e-4 of the score range at d = 128.
+
+    Parameters
+    ----------
+    q : float32 (n_qtok, dim) or a prebuilt BinaryLUT
+    bits : uint8 (n_tokens, ceil(dim / 8)), canonical sign bits
+    offsets : int64 (n_docs + 1,)
+    cand_ids : optional candidate documents (``-1`` allowed)
+
+    Returns
+    -------
+    float32 (n_docs,) or (n_cand,); ``-inf`` for an empty document.
+    """
+    lut = q if isinstance(q, BinaryLUT) else binary_lut(q)
+    b = _bits(bits, lut.dim)
+    off = _offsets(offsets, b.shape[0], "offsets")
+    ids, use_ids, n = _ids_or_all(cand_ids, off.shape[0] - 1)
+    out = np.empty(n, np.float32)
+    if n:
+        ng, nb = lut.lut.shape[0], lut.lut.shape[1]
+        _bin.binary_lut_scores_kernel(
+            lut.lut.reshape(-1), ng, nb, float(lut.scale), b, off, ids, use_ids, out
+        )
+        docs = ids if use_ids else np.arange(n)
+        out[(docs < 0) | (off[docs + 1] == off[docs])] = -np.inf
+    return out
+
+
+def _codes128(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 2 and a.dtype == np.uint8 and a.shape[1] == 16:
+        a = np.ascontiguousarray(a).view("<u8").astype(np.uint64, copy=False)
+    if a.ndim != 2 or a.shape[1] != 2 or a.dtype != np.uint64:
+        raise ValueError(
+            f"{name} must be uint64 (n, 2) or uint8 (n, 16) 128-bit codes, got {a.dtype} {a.shape}"
+        )
+    return np.ascontiguousarray(a)
+
+
+def hamming_scan_128(q_codes, codes, k: int):
+    """Top-k smallest Hamming distances of 128-bit query codes over 128-bit codes.
+
+    Parameters
+    ----------
+    q_codes : uint64 (2,) / (n_q, 2) or uint8 (16,) / (n_q, 16)
+    codes : uint64 (n, 2) or uint8 (n, 16) (little-endian words, as ``.view('<u8')``)
+    k : int >= 1
+
+    Returns
+    -------
+    distances : int32 (n_q, k), smallest first (ties: lower id); padding ``2**31 - 1``
+    ids : int64 (n_q, k); padding ``-1``
+    """
+    k = check_k(k)
+    qa = np.asarray(q_codes)
+    if qa.ndim == 1:
+        qa = qa.reshape(1, -1)
+    qc = _codes128(qa, "q_codes")
+    c = _codes128(codes, "codes")
+    n = c.shape[0]
+    n_q = qc.shape[0]
+    out_s = np.full((n_q, k), np.iinfo(np.int64).min, np.int64)
+    out_i = np.full((n_q, k), -1, np.int64)
+    if n and n_q:
+        kk = min(k, n)
+        nch = max(1, min(4 * numba.get_num_threads(), n // _bin.SCAN_BLOCK))
+        bounds = (np.arange(nch + 1, dtype=np.int64) * n) // nch
+        ts = np.empty((nch, n_q, kk), np.int64)
+        ti = np.empty((nch, n_q, kk), np.int64)
+        cnt = np.zeros((nch, n_q), np.int64)
+        _bin.hamming_scan_kernel(c, qc, bounds, kk, ts, ti, cnt)
+        topk_merge(ts, ti, cnt, np.iinfo(np.int64).min, out_s[:, :kk], out_i[:, :kk])
+    dist = np.where(out_i >= 0, -out_s, np.iinfo(np.int32).max).astype(np.int32)
+    return dist, out_i
