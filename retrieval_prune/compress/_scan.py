@@ -46,9 +46,45 @@ def _table_scan(codes, table, d_off, alive, out):  # pragma: no cover - compiled
         out[d] = s
 
 
+@njit(**NJIT)
+def _block_max(q, D, n, best):  # pragma: no cover - compiled
+    """``best[i] = max(best[i], max_j <q_i, D_j>)`` for ``j < n``; 4 query tokens per pass
+    share each loaded document value (register blocking, scalar accumulators)."""
+    nq, dim = q.shape
+    i = 0
+    while i + 4 <= nq:
+        b0, b1, b2, b3 = best[i], best[i + 1], best[i + 2], best[i + 3]
+        for j in range(n):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for k in range(dim):
+                x = D[j, k]
+                s0 += q[i, k] * x
+                s1 += q[i + 1, k] * x
+                s2 += q[i + 2, k] * x
+                s3 += q[i + 3, k] * x
+            b0 = max(b0, s0)
+            b1 = max(b1, s1)
+            b2 = max(b2, s2)
+            b3 = max(b3, s3)
+        best[i], best[i + 1], best[i + 2], best[i + 3] = b0, b1, b2, b3
+        i += 4
+    while i < nq:
+        b0 = best[i]
+        for j in range(n):
+            s0 = np.float32(0.0)
+            for k in range(dim):
+                s0 += q[i, k] * D[j, k]
+            b0 = max(b0, s0)
+        best[i] = b0
+        i += 1
+
+
 def _residual_scan(codes, packed, centroids, bucket_values, nbits, normalize, q, d_off, alive, out):  # pragma: no cover
-    """Decode ``centroid[code] + bucket_values[bits]`` token by token (optionally L2
-    normalised) and take MaxSim with ``q float32 (n_q, dim)``."""
+    """Decode ``centroid[code] + bucket_values[bits]`` document by document (optionally
+    L2 normalised) and take MaxSim with ``q float32 (n_q, dim)``."""
     n_docs = d_off.shape[0] - 1
     nq, dim = q.shape
     per = 8 // nbits
@@ -59,28 +95,24 @@ def _residual_scan(codes, packed, centroids, bucket_values, nbits, normalize, q,
         if b == a or alive[d] == 0:
             out[d] = -np.inf
             continue
-        best = np.full(nq, -np.inf, np.float32)
-        buf = np.empty(dim, np.float32)
+        D = np.empty((b - a, dim), np.float32)
         for j in range(a, b):
             c = centroids[np.int64(codes[j])]
+            row = D[j - a]
             for by in range(nbytes):
                 v = np.int64(packed[j, by])
                 for t in range(per):
                     k = by * per + t
-                    buf[k] = c[k] + bucket_values[(v >> (t * nbits)) & mask]
+                    row[k] = c[k] + bucket_values[(v >> (t * nbits)) & mask]
             if normalize:
                 nrm = np.float32(0.0)
                 for k in range(dim):
-                    nrm += buf[k] * buf[k]
+                    nrm += row[k] * row[k]
                 nrm = np.float32(1.0) / max(np.sqrt(nrm), np.float32(1e-12))
                 for k in range(dim):
-                    buf[k] *= nrm
-            for i in range(nq):
-                s = np.float32(0.0)
-                for k in range(dim):
-                    s += q[i, k] * buf[k]
-                if s > best[i]:
-                    best[i] = s
+                    row[k] *= nrm
+        best = np.full(nq, -np.inf, np.float32)
+        _block_max(q, D, b - a, best)
         s = np.float32(0.0)
         for i in range(nq):
             s += best[i]
@@ -96,18 +128,13 @@ def _sign_scan(bits, scale, q, d_off, alive, out):  # pragma: no cover - compile
         if b == a or alive[d] == 0:
             out[d] = -np.inf
             continue
-        best = np.full(nq, -np.inf, np.float32)
-        buf = np.empty(dim, np.float32)
+        D = np.empty((b - a, dim), np.float32)
         for j in range(a, b):
             for k in range(dim):
                 bit = (np.int64(bits[j, k >> 3]) >> (k & 7)) & 1
-                buf[k] = scale if bit else -scale
-            for i in range(nq):
-                s = np.float32(0.0)
-                for k in range(dim):
-                    s += q[i, k] * buf[k]
-                if s > best[i]:
-                    best[i] = s
+                D[j - a, k] = scale if bit else -scale
+        best = np.full(nq, -np.inf, np.float32)
+        _block_max(q, D, b - a, best)
         s = np.float32(0.0)
         for i in range(nq):
             s += best[i]

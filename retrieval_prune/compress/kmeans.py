@@ -197,7 +197,7 @@ class KMeansCodec(_CentroidCodec):
         "k": Param(None, int, "codebook size (default: colbert-ai formula)", low=2, high=65536),
         "score": Param("table", str, "query scoring", choices=SCORES),
         "sample": Param(262_144, int, "max training tokens", low=1),
-        "niter": Param(10, int, "k-means iterations", low=1),
+        "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),
     }
 
     def _fit(self, tokens, rng, n_total, seed) -> None:

@@ -85,7 +85,7 @@ class ResidualCodec(_CentroidCodec):
         "k": Param(None, int, "codebook size (default: colbert-ai formula)", low=2, high=65536),
         "nbits": Param(2, int, "bits per residual dimension", choices=NBITS),
         "sample": Param(262_144, int, "max training tokens", low=1),
-        "niter": Param(10, int, "k-means iterations", low=1),
+        "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),
         "normalize": Param(False, bool, "L2-normalise decoded vectors"),
         "candidates": Param(8, int, "nearest centroids tried per vector", low=1, high=64),
     }
