@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "server_load_test.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary index and log")
     ap.add_argument("--tol", type=float, default=1e-4, help="score tolerance of the comparisons")
     args = ap.parse_args(argv)
     if args.requests < 1000:
@@ -222,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
     report["server_exit_code_after_sigterm"] = proc.returncode
     report["server_log_tail"] = log_path.read_text(errors="replace")[-2000:]
+    # uvicorn >= 0.29 re-raises SIGTERM after its graceful shutdown, hence -15
+    if args.keep:
+        print(f"kept the index and server log under {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     report["config"] = {
         "data": args.data,
