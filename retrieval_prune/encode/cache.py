@@ -1,0 +1,220 @@
+"""On-disk cache of encoded corpora and query sets.
+
+An entry is keyed by sha256 of JSON ``(encoder.settings, dataset name, sha256 of the ids and
+texts, kind)`` and stored as a folder of ``.npy`` arrays (``embeddings`` float32,
+``offsets`` int64, optional ``weights`` float32) plus ``meta.json`` holding the key's inputs
+and every file's size. An entry is written to a temporary folder and renamed into place, so a
+reader sees a whole entry or none. Arrays load with ``allow_pickle=False`` and
+``mmap_mode="r"``. The root is ``$RETRIEVAL_PRUNE_CACHE`` if set, else ``.cache/embeddings``.
+
+An entry written with importance weights also serves requests without them; a request with
+importance against an entry without re-encodes and replaces the entry.
+
+Examples
+--------
+>>> cache = EmbeddingCache()                                                    # doctest: +SKIP
+>>> docs = cache.get_or_encode(enc, "scifact", corpus.doc_ids, corpus.doc_texts)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from retrieval_prune.types import MultiVectors
+
+__all__ = ["EmbeddingCache", "cache_key", "texts_digest", "CACHE_ENV", "DEFAULT_CACHE_ROOT"]
+
+CACHE_ENV = "RETRIEVAL_PRUNE_CACHE"
+DEFAULT_CACHE_ROOT = ".cache/embeddings"
+_CACHE_VERSION = 1
+_KINDS = ("docs", "queries")
+
+
+class _EncoderLike(Protocol):
+    settings: dict[str, Any]
+
+    def encode_documents(self, texts: list[str], **kw: Any) -> MultiVectors: ...
+
+    def encode_queries(self, texts: list[str], **kw: Any) -> MultiVectors: ...
+
+
+def texts_digest(ids: Sequence[str], texts: Sequence[str]) -> str:
+    """sha256 over the (id, text) pairs, order included."""
+    if len(ids) != len(texts):
+        raise ValueError(f"{len(ids)} ids for {len(texts)} texts; they must pair up")
+    h = hashlib.sha256()
+    for i, t in zip(ids, texts, strict=True):
+        for s in (str(i), t):
+            b = s.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_key(settings: dict[str, Any], dataset: str, digest: str, kind: str) -> str:
+    """Hex sha256 of the canonical JSON of the key's parts."""
+    blob = json.dumps(
+        {
+            "v": _CACHE_VERSION,
+            "settings": settings,
+            "dataset": dataset,
+            "texts": digest,
+            "kind": kind,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """Folder of cached :class:`MultiVectors`, one sub-folder per key.
+
+    Parameters
+    ----------
+    root : path, optional
+        Cache folder; default ``$RETRIEVAL_PRUNE_CACHE`` or ``.cache/embeddings``. Created
+        on first write, not by the constructor.
+    mmap : bool
+        Open cached arrays memory-mapped read-only (default) or read them into memory.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, mmap: bool = True) -> None:
+        self.root = Path(
+            root if root is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT
+        )
+        self.mmap = mmap
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache(root={str(self.root)!r})"
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get_or_encode(
+        self,
+        encoder: _EncoderLike,
+        dataset_name: str,
+        doc_ids: Sequence[str],
+        texts: Sequence[str],
+        kind: str = "docs",
+        with_importance: bool = False,
+        *,
+        progress: bool = True,
+    ) -> MultiVectors:
+        """Cached vectors of ``texts`` under ``encoder``; encode and store them on a miss.
+
+        Parameters
+        ----------
+        encoder : Encoder
+        dataset_name : str
+            Name of the collection (part of the key, and recorded in meta.json).
+        doc_ids : list of str
+            Ids of the texts (queries' ids for ``kind="queries"``), same order.
+        texts : list of str
+        kind : ``"docs"`` or ``"queries"``
+        with_importance : bool
+            Return [CLS]-attention importance as ``weights``.
+        progress : bool
+            Progress bar while encoding a miss.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"kind={kind!r} must be one of {_KINDS}")
+        if not isinstance(dataset_name, str) or not dataset_name:
+            raise ValueError(f"dataset_name={dataset_name!r} must be a non-empty string")
+        settings = encoder.settings
+        key = cache_key(settings, dataset_name, texts_digest(doc_ids, texts), kind)
+        hit = self.load(key)
+        if hit is not None and (hit.weights is not None or not with_importance):
+            if hit.weights is not None and not with_importance:
+                hit = MultiVectors(hit.embeddings, hit.offsets)
+            return hit
+        if kind == "docs":
+            mv = encoder.encode_documents(
+                list(texts), progress=progress, return_importance=with_importance
+            )
+        else:
+            mv = encoder.encode_queries(
+                list(texts), progress=progress, return_importance=with_importance
+            )
+        if len(mv) != len(texts):
+            raise RuntimeError(f"encoder returned {len(mv)} items for {len(texts)} texts")
+        meta = {
+            "cache_version": _CACHE_VERSION,
+            "key": key,
+            "settings": settings,
+            "dataset": dataset_name,
+            "kind": kind,
+            "n": len(mv),
+            "n_tokens": mv.n_tokens,
+            "dim": mv.dim,
+        }
+        self._store(key, mv, meta, replace=hit is not None)
+        return self.load(key) or mv
+
+    # -- storage ------------------------------------------------------------------------
+    def load(self, key: str) -> MultiVectors | None:
+        """The entry for ``key``, or None if absent or unreadable (a damaged entry is a miss)."""
+        folder = self.path_for(key)
+        meta_file = folder / "meta.json"
+        if not meta_file.is_file():
+            return None
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            files = meta["files"]
+            for fname, size in files.items():
+                if (folder / fname).stat().st_size != size:
+                    return None
+            mode = "r" if self.mmap else None
+            emb = np.load(folder / "embeddings.npy", mmap_mode=mode, allow_pickle=False)
+            off = np.load(folder / "offsets.npy", allow_pickle=False)
+            w = None
+            if "weights.npy" in files:
+                w = np.load(folder / "weights.npy", mmap_mode=mode, allow_pickle=False)
+            if emb.shape != (meta["n_tokens"], meta["dim"]) or off.shape != (meta["n"] + 1,):
+                return None
+            return MultiVectors(emb, off, w)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            return None
+
+    def _store(self, key: str, mv: MultiVectors, meta: dict[str, Any], *, replace: bool) -> None:
+        folder = self.path_for(key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            arrays = {"embeddings.npy": mv.embeddings, "offsets.npy": mv.offsets}
+            if mv.weights is not None:
+                arrays["weights.npy"] = mv.weights
+            files = {}
+            for fname, arr in arrays.items():
+                with open(tmp / fname, "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files[fname] = (tmp / fname).stat().st_size
+            (tmp / "meta.json").write_text(
+                json.dumps({**meta, "files": files}, indent=1, sort_keys=True), encoding="utf-8"
+            )
+            if folder.exists():
+                if not replace and self.load(key) is not None:
+                    return  # another process stored the same entry meanwhile
+                old = folder.parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(folder, old)
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if self.load(key) is None:  # lost a race to a writer whose entry is broken
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
