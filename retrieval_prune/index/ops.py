@@ -400,6 +400,14 @@ def _pad_lanes(t: np.ndarray, lanes: int) -> np.ndarray:
     return out
 
 
+def _mark_missing(out: np.ndarray, ids: np.ndarray, use_ids: bool, off: np.ndarray) -> None:
+    """Set ``-inf`` where the document is empty (or the candidate id is -1)."""
+    if use_ids:
+        out[(ids < 0) | (off[ids + 1] == off[ids])] = -np.inf
+    else:
+        out[off[1:] == off[:-1]] = -np.inf
+
+
 def _ids_or_all(cand_ids, n_docs: int):
     if cand_ids is None:
         return np.zeros(1, np.int64), False, n_docs
@@ -443,8 +451,7 @@ def maxsim_code_scores(table, codes, offsets, cand_ids=None) -> np.ndarray:
     else:
         tp = _pad_lanes(t, _LANES)
         _codes_k.code_f32_scores_kernel(tp.reshape(-1), tp.shape[1], c, off, ids, use_ids, out)
-    docs = ids if use_ids else np.arange(n)
-    out[(docs < 0) | (off[docs + 1] == off[docs])] = -np.inf
+    _mark_missing(out, ids, use_ids, off)
     return out
 
 
@@ -678,8 +685,7 @@ def maxsim_hamming(q, planar: PlanarBits, cand_ids=None) -> np.ndarray:
             qw.reshape(-1), qw.shape[0], nw, dim, P.reshape(-1), P.shape[1], p_off, ids,
             use_ids, out,
         )  # fmt: skip
-        docs = ids if use_ids else np.arange(n)
-        out[(docs < 0) | (p_off[docs + 1] == p_off[docs])] = -np.inf
+        _mark_missing(out, ids, use_ids, p_off)
     return out
 
 
@@ -742,8 +748,7 @@ def maxsim_binary(q, bits, offsets, cand_ids=None) -> np.ndarray:
         _bin.binary_lut_scores_kernel(
             lut.lut.reshape(-1), ng, nb, float(lut.scale), b, off, ids, use_ids, out
         )
-        docs = ids if use_ids else np.arange(n)
-        out[(docs < 0) | (off[docs + 1] == off[docs])] = -np.inf
+        _mark_missing(out, ids, use_ids, off)
     return out
 
 
@@ -789,7 +794,8 @@ def hamming_scan_128(q_codes, codes, k: int):
         ts = np.empty((nch, n_q, kk), np.int64)
         ti = np.empty((nch, n_q, kk), np.int64)
         cnt = np.zeros((nch, n_q), np.int64)
-        _bin.hamming_scan_kernel(c, qc, bounds, kk, ts, ti, cnt)
+        qpat = np.ascontiguousarray(np.tile(qc, (1, 4)))  # (n_q, 8): q0 q1 q0 q1 ...
+        _bin.hamming_scan_kernel(c.reshape(-1), qpat.reshape(-1), bounds, kk, ts, ti, cnt)
         topk_merge(ts, ti, cnt, np.iinfo(np.int64).min, out_s[:, :kk], out_i[:, :kk])
     dist = np.where(out_i >= 0, -out_s, np.iinfo(np.int32).max).astype(np.int32)
     return dist, out_i

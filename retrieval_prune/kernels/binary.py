@@ -23,9 +23,9 @@ Hamming MaxSim (bits vs bits)
     then one ``uint64 x 8`` vector per word: xor, ``VPOPCNTQ``, add, min.
 
 128-bit Hamming scan
-    One or a few 128-bit query codes against ``uint64 (n, 2)`` codes; distances of a
-    block of 256 codes are computed (LLVM vectorises the popcounts), and the block is
-    only walked for top-k insertion when its minimum can enter the current top-k.
+    One or a few 128-bit query codes against ``uint64 (n, 2)`` codes, 8 codes per vector
+    step (see :func:`hamming_scan_kernel`); distances only leave the registers when one
+    of them can enter the current top-k.
 """
 
 import numpy as np
@@ -33,13 +33,27 @@ from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import NEG
-from .popcount import popcount, vadd, vhadd, vhmin, vload, vmax, vmin, vpopcount, vsplat, vxor
+from .popcount import (
+    popcount,
+    vadd,
+    vhadd,
+    vhmin,
+    vload,
+    vlt_any,
+    vmax,
+    vmin,
+    vpairadd,
+    vpopcount,
+    vsplat,
+    vstore,
+    vxor,
+)
 from .topk import topk_push
 
 #: query-token lanes of the asymmetric lookup table (int16 x 32 = one 512-bit vector)
 LANES_I16 = 32
-#: codes per block of the Hamming scan
-SCAN_BLOCK = 256
+#: minimum codes per parallel chunk of the Hamming scan
+SCAN_BLOCK = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -52,21 +66,24 @@ def doc_binary_lut(lut, n_groups, nb, bits, s, e):
     ``lut`` is flat ``(n_groups, nb, 256, 32)`` int16; ``bits`` is ``(n_tokens, nb)``
     uint8. Two accumulators halve the add dependency chain. Requires ``e > s``.
     """
+    db = bits[s:e]  # a slice: provably non-negative indices, no wraparound fix-ups
+    n = db.shape[0]
     total = 0
     half = nb // 2
     for g in range(n_groups):
         gb = g * nb * 256
         m = vsplat(np.int16(-32768), 32)
-        for j in range(s, e):
+        for j in range(n):
+            row = db[j]
             a0 = vsplat(np.int16(0), 32)
             a1 = vsplat(np.int16(0), 32)
             for h in range(half):
                 b = 2 * h
-                a0 = vadd(a0, vload(lut, (gb + b * 256 + np.int64(bits[j, b])) * 32, 32))
-                a1 = vadd(a1, vload(lut, (gb + (b + 1) * 256 + np.int64(bits[j, b + 1])) * 32, 32))
+                a0 = vadd(a0, vload(lut, (gb + b * 256 + np.int64(row[b])) * 32, 32))
+                a1 = vadd(a1, vload(lut, (gb + (b + 1) * 256 + np.int64(row[b + 1])) * 32, 32))
             if nb % 2:
                 b = nb - 1
-                a0 = vadd(a0, vload(lut, (gb + b * 256 + np.int64(bits[j, b])) * 32, 32))
+                a0 = vadd(a0, vload(lut, (gb + b * 256 + np.int64(row[b])) * 32, 32))
             m = vmax(m, vadd(a0, a1))
         total += vhadd(m)
     return total
@@ -149,40 +166,61 @@ def hamming_scores_kernel(qw, nq, nw, dim, P, npad, p_off, ids, use_ids, out):
 # --------------------------------------------------------------------------------------
 # 128-bit Hamming scan with fused top-k
 # --------------------------------------------------------------------------------------
-@njit(**NJIT_PARALLEL)
-def hamming_scan_kernel(codes, q, bounds, k, ts, ti, cnt):
-    """Top-k smallest Hamming distances of queries ``q (n_q, 2)`` over ``codes (n, 2)``.
+@njit(**NJIT)
+def _scan_insert(dist, base, n_valid, k, ts, ti, n):
+    """Insert the first ``n_valid`` distances of ``dist`` (ids ``base + r``) into a
+    best-first list of ``-distance``; returns the new count."""
+    for r in range(n_valid):
+        d = np.int64(dist[r])
+        if n < k or -d > ts[k - 1]:
+            n = topk_push(ts, ti, n, k, -d, base + r)
+    return n
 
-    Per chunk ``c`` of ``bounds`` and query, a best-first list of ``-distance`` in
+
+@njit(**NJIT_PARALLEL)
+def hamming_scan_kernel(codes, qpat, bounds, k, ts, ti, cnt):
+    """Top-k smallest Hamming distances of queries over 128-bit codes.
+
+    ``codes``: flat uint64 ``(2 n,)`` (code ``i`` = words ``2i, 2i+1``); ``qpat``: flat
+    uint64 ``(n_q, 8)``, each query's two words repeated 4 times. 8 codes per step: two
+    8-lane loads, xor with the query pattern, ``VPOPCNTQ``, and a pairwise add of the two
+    words' counts give 8 distances in one vector; only when one of them beats the
+    query's current k-th distance (``vlt_any``) are they inserted one by one.
+    Per chunk ``c`` of ``bounds`` and query: a best-first list of ``-distance`` in
     ``ts[c, qi]`` / ids in ``ti[c, qi]`` with ``cnt[c, qi]`` entries (ties: lower id).
     """
     nch = bounds.shape[0] - 1
-    nq = q.shape[0]
+    nq = qpat.shape[0] // 8
     for c in prange(nch):
-        buf = np.empty(SCAN_BLOCK, np.int64)
+        buf = np.empty(8, np.uint64)
+        # per query: current admission threshold (k-th distance, or 2**40 while not full)
+        thr = np.full(nq * 8, np.uint64(1 << 40), np.uint64)
         for qi in range(nq):
             cnt[c, qi] = 0
         lo = bounds[c]
         end = bounds[c + 1]
-        while lo < end:
-            hi = min(lo + SCAN_BLOCK, end)
+        i = lo
+        while i + 8 <= end:
+            a = vload(codes, 2 * i, 8)
+            b = vload(codes, 2 * i + 8, 8)
             for qi in range(nq):
-                q0 = q[qi, 0]
-                q1 = q[qi, 1]
-                mn = np.int64(1 << 20)
-                for i in range(lo, hi):
-                    d = popcount(codes[i, 0] ^ q0) + popcount(codes[i, 1] ^ q1)
-                    buf[i - lo] = d
-                    mn = min(mn, d)
-                n = cnt[c, qi]
-                if n == k and mn >= -ts[c, qi, k - 1]:
-                    continue  # nothing in this block beats the current k-th
-                for i in range(lo, hi):
-                    d = buf[i - lo]
-                    if n < k or d < -ts[c, qi, k - 1]:
-                        n = topk_push(ts[c, qi], ti[c, qi], n, k, -d, i)
-                cnt[c, qi] = n
-            lo = hi
+                qv = vload(qpat, qi * 8, 8)
+                dv = vpairadd(vpopcount(vxor(a, qv)), vpopcount(vxor(b, qv)))
+                if vlt_any(dv, vload(thr, qi * 8, 8)):
+                    vstore(buf, 0, dv)
+                    n = _scan_insert(buf, i, 8, k, ts[c, qi], ti[c, qi], cnt[c, qi])
+                    cnt[c, qi] = n
+                    if n == k:
+                        thr[qi * 8 : qi * 8 + 8] = np.uint64(-ts[c, qi, k - 1])
+            i += 8
+        while i < end:
+            for qi in range(nq):
+                d = popcount(codes[2 * i] ^ qpat[qi * 8]) + popcount(
+                    codes[2 * i + 1] ^ qpat[qi * 8 + 1]
+                )
+                buf[0] = np.uint64(d)
+                cnt[c, qi] = _scan_insert(buf, i, 1, k, ts[c, qi], ti[c, qi], cnt[c, qi])
+            i += 1
 
 
 @njit(**NJIT_PARALLEL)
@@ -192,8 +230,11 @@ def hamming_distances_kernel(codes, q, out):
     nq = q.shape[0]
     nch = min(n, 1024)
     for c in prange(nch):
+        lo = c * n // nch
+        blk = codes[lo : (c + 1) * n // nch]
         for qi in range(nq):
             q0 = q[qi, 0]
             q1 = q[qi, 1]
-            for i in range(c * n // nch, (c + 1) * n // nch):
-                out[qi, i] = popcount(codes[i, 0] ^ q0) + popcount(codes[i, 1] ^ q1)
+            o = out[qi, lo : lo + blk.shape[0]]
+            for i in range(blk.shape[0]):
+                o[i] = popcount(blk[i, 0] ^ q0) + popcount(blk[i, 1] ^ q1)

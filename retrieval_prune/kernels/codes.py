@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import LANES, NEG, doc_maxsim
-from .popcount import vhadd, vload, vmax, vsplat
+from .popcount import vadd, vhadd, vload, vmax, vsplat, vstore
 from .topk import topk_push
 
 #: uint8 lanes per vector of the quantised-table kernel
@@ -51,19 +51,22 @@ def doc_code_f32(table, W, codes, s, e):
     """sum over query lanes of max over tokens ``s:e`` of ``table[codes[j], :]`` (float32).
 
     ``table`` is flat ``(K, W)`` with ``W`` a multiple of 16 and zero padding lanes.
-    Requires ``e > s``.
+    Requires ``e > s``. (The document's codes are taken as a slice so that indices are
+    provably non-negative: Numba's negative-index fix-up would cost a compare per load.)
     """
+    cs = codes[s:e]
+    n = cs.shape[0]
     total = 0.0
     g = 0
     while g + 2 * LANES <= W:
         m0 = vsplat(NEG, 16)
         m1 = vsplat(NEG, 16)
-        j = s
-        while j + 4 <= e:
-            c0 = np.int64(codes[j]) * W + g
-            c1 = np.int64(codes[j + 1]) * W + g
-            c2 = np.int64(codes[j + 2]) * W + g
-            c3 = np.int64(codes[j + 3]) * W + g
+        j = 0
+        while j + 4 <= n:
+            c0 = np.int64(cs[j]) * W + g
+            c1 = np.int64(cs[j + 1]) * W + g
+            c2 = np.int64(cs[j + 2]) * W + g
+            c3 = np.int64(cs[j + 3]) * W + g
             r0 = vmax(vmax(vload(table, c0, 16), vload(table, c1, 16)),
                       vmax(vload(table, c2, 16), vload(table, c3, 16)))  # fmt: skip
             r1 = vmax(vmax(vload(table, c0 + 16, 16), vload(table, c1 + 16, 16)),
@@ -71,8 +74,8 @@ def doc_code_f32(table, W, codes, s, e):
             m0 = vmax(m0, r0)
             m1 = vmax(m1, r1)
             j += 4
-        while j < e:
-            c0 = np.int64(codes[j]) * W + g
+        while j < n:
+            c0 = np.int64(cs[j]) * W + g
             m0 = vmax(m0, vload(table, c0, 16))
             m1 = vmax(m1, vload(table, c0 + 16, 16))
             j += 1
@@ -80,22 +83,16 @@ def doc_code_f32(table, W, codes, s, e):
         g += 2 * LANES
     if g < W:
         m0 = vsplat(NEG, 16)
-        j = s
-        while j + 4 <= e:
-            r0 = vmax(
-                vmax(
-                    vload(table, np.int64(codes[j]) * W + g, 16),
-                    vload(table, np.int64(codes[j + 1]) * W + g, 16),
-                ),
-                vmax(
-                    vload(table, np.int64(codes[j + 2]) * W + g, 16),
-                    vload(table, np.int64(codes[j + 3]) * W + g, 16),
-                ),
-            )
+        j = 0
+        while j + 4 <= n:
+            r0 = vmax(vmax(vload(table, np.int64(cs[j]) * W + g, 16),
+                           vload(table, np.int64(cs[j + 1]) * W + g, 16)),
+                      vmax(vload(table, np.int64(cs[j + 2]) * W + g, 16),
+                           vload(table, np.int64(cs[j + 3]) * W + g, 16)))  # fmt: skip
             m0 = vmax(m0, r0)
             j += 4
-        while j < e:
-            m0 = vmax(m0, vload(table, np.int64(codes[j]) * W + g, 16))
+        while j < n:
+            m0 = vmax(m0, vload(table, np.int64(cs[j]) * W + g, 16))
             j += 1
         total += vhadd(m0)
     return np.float32(total)
@@ -104,38 +101,30 @@ def doc_code_f32(table, W, codes, s, e):
 @njit(**NJIT)
 def doc_code_u8(table, W, codes, s, e):
     """Integer sum over lanes of max over tokens of a uint8 table ``(K, W)``, W % 32 == 0."""
+    cs = codes[s:e]
+    n = cs.shape[0]
     total = 0
     g = 0
     while g < W:
         m0 = vsplat(np.uint8(0), 32)
-        j = s
-        while j + 8 <= e:
-            r0 = vmax(
-                vmax(
-                    vload(table, np.int64(codes[j]) * W + g, 32),
-                    vload(table, np.int64(codes[j + 1]) * W + g, 32),
-                ),
-                vmax(
-                    vload(table, np.int64(codes[j + 2]) * W + g, 32),
-                    vload(table, np.int64(codes[j + 3]) * W + g, 32),
-                ),
-            )
-            r1 = vmax(
-                vmax(
-                    vload(table, np.int64(codes[j + 4]) * W + g, 32),
-                    vload(table, np.int64(codes[j + 5]) * W + g, 32),
-                ),
-                vmax(
-                    vload(table, np.int64(codes[j + 6]) * W + g, 32),
-                    vload(table, np.int64(codes[j + 7]) * W + g, 32),
-                ),
-            )
-            m0 = vmax(m0, vmax(r0, r1))
+        m1 = m0
+        j = 0
+        while j + 8 <= n:
+            r0 = vmax(vmax(vload(table, np.int64(cs[j]) * W + g, 32),
+                           vload(table, np.int64(cs[j + 1]) * W + g, 32)),
+                      vmax(vload(table, np.int64(cs[j + 2]) * W + g, 32),
+                           vload(table, np.int64(cs[j + 3]) * W + g, 32)))  # fmt: skip
+            r1 = vmax(vmax(vload(table, np.int64(cs[j + 4]) * W + g, 32),
+                           vload(table, np.int64(cs[j + 5]) * W + g, 32)),
+                      vmax(vload(table, np.int64(cs[j + 6]) * W + g, 32),
+                           vload(table, np.int64(cs[j + 7]) * W + g, 32)))  # fmt: skip
+            m0 = vmax(m0, r0)
+            m1 = vmax(m1, r1)
             j += 8
-        while j < e:
-            m0 = vmax(m0, vload(table, np.int64(codes[j]) * W + g, 32))
+        while j < n:
+            m0 = vmax(m0, vload(table, np.int64(cs[j]) * W + g, 32))
             j += 1
-        total += vhadd(m0)
+        total += vhadd(vmax(m0, m1))
         g += LANES_U8
     return total
 
@@ -206,22 +195,35 @@ def code_search_kernel(
 # --------------------------------------------------------------------------------------
 @njit(**NJIT)
 def decode_token(code, packed_row, centroids, lut, per, normalize, out, o):
-    """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm."""
+    """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm.
+
+    One packed byte holds ``per = 8 / nbits`` dimensions; ``lut[v]`` holds their ``per``
+    bucket values, so a byte is one ``per``-lane vector load + add + store.
+    """
     dim = centroids.shape[1]
     nbytes = packed_row.shape[0]
-    for b in range(nbytes):
-        v = packed_row[b]
-        base = b * per
-        for t in range(per):
-            out[o + base + t] = centroids[code, base + t] + lut[v, t]
+    crow = centroids[code]
+    tok = out[o : o + dim]
+    if per == 4:
+        for b in range(nbytes):
+            v = np.int64(packed_row[b])
+            vstore(tok, 4 * b, vadd(vload(crow, 4 * b, 4), vload(lut, 4 * v, 4)))
+    elif per == 8:
+        for b in range(nbytes):
+            v = np.int64(packed_row[b])
+            vstore(tok, 8 * b, vadd(vload(crow, 8 * b, 8), vload(lut, 8 * v, 8)))
+    else:
+        for b in range(nbytes):
+            v = np.int64(packed_row[b])
+            vstore(tok, 2 * b, vadd(vload(crow, 2 * b, 2), vload(lut, 2 * v, 2)))
     if normalize:
         ss = np.float32(0.0)
         for d in range(dim):
-            ss += out[o + d] * out[o + d]
+            ss += tok[d] * tok[d]
         if ss > 0:
             inv = np.float32(1.0) / np.sqrt(ss)
             for d in range(dim):
-                out[o + d] *= inv
+                tok[d] *= inv
 
 
 @njit(**NJIT_PARALLEL)

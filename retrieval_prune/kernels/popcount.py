@@ -39,6 +39,7 @@ __all__ = [
     "vhadd",
     "vhmin",
     "vlt_any",
+    "vpairadd",
 ]
 
 
@@ -326,5 +327,27 @@ def vlt_any(typingctx, a, b):
             f"llvm.vector.reduce.or.v{n}i1",
         )
         return builder.call(fn, [c])
+
+    return sig, codegen
+
+
+@intrinsic
+def vpairadd(typingctx, a, b):
+    """Sums of adjacent lanes: ``[a0+a1, a2+a3, ..., b0+b1, b2+b3, ...]`` (same type).
+
+    Deinterleaves pairs, e.g. the two 64-bit halves of 128-bit codes loaded 4 at a time.
+    """
+    if not (isinstance(a, Vec) and a == b and a.lanes % 2 == 0):
+        return None
+    sig = a(a, b)
+
+    def codegen(context, builder, sig, args):
+        n = sig.args[0].lanes
+        i32 = ir.IntType(32)
+        even = ir.Constant(ir.VectorType(i32, n), list(range(0, 2 * n, 2)))
+        odd = ir.Constant(ir.VectorType(i32, n), list(range(1, 2 * n, 2)))
+        x = builder.shuffle_vector(args[0], args[1], even)
+        y = builder.shuffle_vector(args[0], args[1], odd)
+        return builder.fadd(x, y) if _is_float(sig.args[0]) else builder.add(x, y)
 
     return sig, codegen
