@@ -21,6 +21,9 @@ __all__ = [
     "table_scan_serial",
     "residual_scan_serial",
     "sign_scan_serial",
+    "half_scan",
+    "half_scan_serial",
+    "HALF_LUT",
     "topk_from_scores",
 ]
 
@@ -141,7 +144,34 @@ def _sign_scan(bits, scale, q, d_off, alive, out):  # pragma: no cover - compile
         out[d] = s
 
 
+def _half_scan(halves, lut, q, d_off, alive, out):  # pragma: no cover - compiled
+    """float16 vectors given as their uint16 bit patterns, widened through
+    ``lut float32 (65536,)``; MaxSim with ``q`` (Numba has no float16 type)."""
+    n_docs = d_off.shape[0] - 1
+    nq, dim = q.shape
+    for d in prange(n_docs):
+        a, b = d_off[d], d_off[d + 1]
+        if b == a or alive[d] == 0:
+            out[d] = -np.inf
+            continue
+        D = np.empty((b - a, dim), np.float32)
+        for j in range(a, b):
+            for k in range(dim):
+                D[j - a, k] = lut[np.int64(halves[j, k])]
+        best = np.full(nq, -np.inf, np.float32)
+        _block_max(q, D, b - a, best)
+        s = np.float32(0.0)
+        for i in range(nq):
+            s += best[i]
+        out[d] = s
+
+
+#: float32 value of every float16 bit pattern
+HALF_LUT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
 table_scan = njit(**NJIT_PARALLEL)(_table_scan)
+half_scan = njit(**NJIT_PARALLEL)(_half_scan)
+half_scan_serial = njit(**NJIT)(_half_scan)
 residual_scan = njit(**NJIT_PARALLEL)(_residual_scan)
 sign_scan = njit(**NJIT_PARALLEL)(_sign_scan)
 #: single-threaded twins: a parallel launch costs more than a small index's scan

@@ -155,7 +155,8 @@ class Codec(Component):
     #: names of the learned state arrays, persisted by state_arrays/load_state
     state_names: ClassVar[tuple[str, ...]] = ()
     #: how the index scores this codec's codes against float queries
-    #: "float" (decode + exact MaxSim), "table" (code-table MaxSim), "residual", "binary"
+    #: "float" (exact MaxSim kernel on the stored floats), "fp16", "table" (code-table
+    #: MaxSim), "residual" (decompress in the scan), "binary" (sign bits)
     score_kind: ClassVar[str] = "float"
 
     def __init__(self, **params: Any) -> None:

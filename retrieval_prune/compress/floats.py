@@ -56,6 +56,7 @@ class Float16Codec(Float32Codec):
 
     name = "fp16"
     _dtype = np.float16
+    score_kind = "fp16"
 
     def _encode_block(self, tokens):
         big = np.abs(tokens).max(initial=0.0)

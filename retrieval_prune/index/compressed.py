@@ -196,11 +196,14 @@ class CompressedIndex(MultiVectorIndex):
         table_scan = _scan.table_scan_serial if serial else _scan.table_scan
         residual_scan = _scan.residual_scan_serial if serial else _scan.residual_scan
         sign_scan = _scan.sign_scan_serial if serial else _scan.sign_scan
+        half_scan = _scan.half_scan_serial if serial else _scan.half_scan
         if kind == "residual":
             codes, packed = np.asarray(self._parts["codes"]), np.asarray(self._parts["residuals"])
             cent = np.ascontiguousarray(codec.centroids_, dtype=np.float32)
         elif kind == "table":
             codes = np.asarray(self._parts["codes"])
+        elif kind == "fp16":
+            halves = np.asarray(self._parts["vectors"]).view(np.uint16)
         else:
             bits = np.asarray(self._parts["bits"])
             scale = np.float32(1.0 / np.sqrt(codec.dim_in))
@@ -216,6 +219,8 @@ class CompressedIndex(MultiVectorIndex):
                     codes, packed, cent, codec.bucket_values_, codec.nbits, codec.normalize,
                     qi, off, alive, per_doc,
                 )  # fmt: skip
+            elif kind == "fp16":
+                half_scan(halves, _scan.HALF_LUT, qi, off, alive, per_doc)
             else:
                 sign_scan(bits, scale, qi, off, alive, per_doc)
             scores[i], ids[i] = _scan.topk_from_scores(per_doc, k)
