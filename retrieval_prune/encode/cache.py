@@ -159,7 +159,8 @@ class EmbeddingCache:
             "dim": mv.dim,
         }
         self._store(key, mv, meta, replace=hit is not None)
-        return self.load(key) or mv
+        stored = self.load(key)
+        return mv if stored is None else stored
 
     # -- storage ------------------------------------------------------------------------
     def load(self, key: str) -> MultiVectors | None:

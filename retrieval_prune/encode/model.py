@@ -31,6 +31,8 @@ __all__ = [
     "EncoderOutput",
     "TokenizerSpec",
     "Batch",
+    "TextTokenizer",
+    "Tokenized",
     "collate",
     "resolve_backbone",
     "backbone_identity",
@@ -274,7 +276,13 @@ class ColBERTModel(nn.Module):
         vectors = F.normalize(hidden, p=2, dim=-1) * mask.unsqueeze(-1).to(hidden.dtype)
         importance = None
         if return_importance:
-            layer = self.backbone.encoder.layer[-1].attention.self
+            try:
+                layer = self.backbone.encoder.layer[-1].attention.self
+            except AttributeError as exc:
+                raise NotImplementedError(
+                    "attention importance needs a BERT-like backbone (encoder.layer[-1]."
+                    f"attention.self); {type(self.backbone).__name__} has another layout"
+                ) from exc
             importance = cls_attention_importance(layer, out.hidden_states[-2], attention_mask)
         return EncoderOutput(vectors, mask, importance)
 
