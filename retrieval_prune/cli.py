@@ -115,40 +115,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_searcher(path: str):
-    from retrieval_prune.encode import Encoder
-    from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
-
-    index = load_index(path)
-    if not index.encoder_settings:
-        raise ValueError(f"{path} records no encoder settings; search it with vectors from Python")
-    encoder = Encoder.from_settings(index.encoder_settings)
-    pipe = make_pipeline(index.pipeline_spec)
-    return index, encoder, pipe
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    index, encoder, pipe = _load_searcher(args.index)
-    queries = [q for q in args.query]
-    if any(not q.strip() for q in queries):
-        raise ValueError("empty --query; give the text to search for")
-    qv = pipe.transform_queries(encoder.encode_queries(queries, progress=False))
-    res = index.search(qv, k=args.k)
-    out = []
-    for qi, q in enumerate(queries):
-        hits = [{"id": d, "score": s} for d, s in res.external(qi)]
-        if args.json:
-            out.append(hits)
-        else:
-            print(f"query: {q}")
-            for rank, h in enumerate(hits, 1):
-                text = ""
-                if index.texts is not None:
-                    text = index.texts[index.position_of(h["id"])][:90].replace("\n", " ")
-                print(f"  {rank:3d}. {h['id']:<16} {h['score']:8.3f}  {text}")
+    from retrieval_prune.retrieve import Retriever
+
+    retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint)
+    hits = retriever.retrieve_batch(list(args.query), k=args.k)
     if args.json:
+        out = [[{"id": h.id, "score": h.score} for h in row] for row in hits]
         print(json.dumps(out[0] if len(out) == 1 else out))
+        return 0
+    for q, row in zip(args.query, hits, strict=False):
+        print(f"query: {q}")
+        for rank, h in enumerate(row, 1):
+            text = (h.text or "")[:90].replace("\n", " ")
+            print(f"  {rank:3d}. {h.id:<16} {h.score:8.3f}  {text}")
     return 0
 
 
@@ -224,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", action="append", required=True, metavar="TEXT")
     s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     s.add_argument("--json", action="store_true", help='print [{"id": ..., "score": ...}]')
+    s.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="checkpoint folder, for an index built with a trained checkpoint")
     s.set_defaults(func=cmd_search)
 
     bn = sub.add_parser("bench", help="benchmarks (kernels)",

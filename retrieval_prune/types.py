@@ -236,7 +236,7 @@ class SearchResult:
             raise ValueError("this result carries no external ids")
         return [
             (self.doc_ids[int(i)], float(s))
-            for i, s in zip(self.ids[q], self.scores[q])
+            for i, s in zip(self.ids[q], self.scores[q], strict=False)
             if i >= 0
         ]
 

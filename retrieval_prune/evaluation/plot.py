@@ -45,11 +45,11 @@ def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.6 * nrows), squeeze=False)
-    for ax, ds in zip(axes.ravel(), datasets):
+    for ax, ds in zip(axes.ravel(), datasets, strict=False):
         sub = [r for r in rows if r["dataset"] == ds]
         pts = [(float(r["bytes_per_doc"]), float(r[metric])) for r in sub]
         front = set(pareto_front(pts))
-        for i, (r, (x, y)) in enumerate(zip(sub, pts)):
+        for i, (r, (x, y)) in enumerate(zip(sub, pts, strict=False)):
             engine = r.get("engine", "retrieval_prune")
             is_exact = r.get("pipeline") in ("exact", "flat")
             marker = "*" if is_exact else ("s" if engine == "plaid" else "o")
