@@ -1,10 +1,11 @@
-"""Numba scans scoring one query against every document straight from codes.
+"""Numba scan for float16 storage, and top-k selection from per-document scores.
 
-Interim home of the code-MaxSim kernels the compressed index needs (the kernel
-package's own versions replace these when they land). ``@njit`` functions only
-take arrays and scalars, write into ``out`` and never validate; the wrappers in
-:mod:`retrieval_prune.index.compressed` coerce and check. Each writes ``out[d]`` =
-MaxSim of the query with document ``d`` and ``-inf`` for an empty or dead document.
+The code kernels (centroid table, residual, sign bits) live in
+:mod:`retrieval_prune.kernels` behind :mod:`retrieval_prune.index.ops`; float16 has no
+kernel there (Numba has no float16 type), so it is scanned here through a
+bit-pattern -> float32 table. ``@njit`` functions only take arrays and scalars, write
+into ``out`` and never validate. ``out[d]`` = MaxSim of the query with document ``d``,
+``-inf`` for an empty or dead document.
 """
 
 from __future__ import annotations
@@ -15,38 +16,10 @@ from numba import njit, prange
 from retrieval_prune.kernels._config import NJIT, NJIT_PARALLEL
 
 __all__ = [
-    "table_scan",
-    "residual_scan",
-    "sign_scan",
-    "table_scan_serial",
-    "residual_scan_serial",
-    "sign_scan_serial",
     "half_scan",
-    "half_scan_serial",
     "HALF_LUT",
     "topk_from_scores",
 ]
-
-
-def _table_scan(codes, table, d_off, alive, out):  # pragma: no cover - compiled
-    """``table float32 (K, n_q)``; score = Σ_i max_j table[codes[j], i]."""
-    n_docs = d_off.shape[0] - 1
-    nq = table.shape[1]
-    for d in prange(n_docs):
-        a, b = d_off[d], d_off[d + 1]
-        if b == a or alive[d] == 0:
-            out[d] = -np.inf
-            continue
-        best = np.full(nq, -np.inf, np.float32)
-        for j in range(a, b):
-            row = table[np.int64(codes[j])]
-            for i in range(nq):
-                if row[i] > best[i]:
-                    best[i] = row[i]
-        s = np.float32(0.0)
-        for i in range(nq):
-            s += best[i]
-        out[d] = s
 
 
 @njit(**NJIT)
@@ -85,65 +58,6 @@ def _block_max(q, D, n, best):  # pragma: no cover - compiled
         i += 1
 
 
-def _residual_scan(codes, packed, centroids, bucket_values, nbits, normalize, q, d_off, alive, out):  # pragma: no cover
-    """Decode ``centroid[code] + bucket_values[bits]`` document by document (optionally
-    L2 normalised) and take MaxSim with ``q float32 (n_q, dim)``."""
-    n_docs = d_off.shape[0] - 1
-    nq, dim = q.shape
-    per = 8 // nbits
-    mask = (1 << nbits) - 1
-    nbytes = packed.shape[1]
-    for d in prange(n_docs):
-        a, b = d_off[d], d_off[d + 1]
-        if b == a or alive[d] == 0:
-            out[d] = -np.inf
-            continue
-        D = np.empty((b - a, dim), np.float32)
-        for j in range(a, b):
-            c = centroids[np.int64(codes[j])]
-            row = D[j - a]
-            for by in range(nbytes):
-                v = np.int64(packed[j, by])
-                for t in range(per):
-                    k = by * per + t
-                    row[k] = c[k] + bucket_values[(v >> (t * nbits)) & mask]
-            if normalize:
-                nrm = np.float32(0.0)
-                for k in range(dim):
-                    nrm += row[k] * row[k]
-                nrm = np.float32(1.0) / max(np.sqrt(nrm), np.float32(1e-12))
-                for k in range(dim):
-                    row[k] *= nrm
-        best = np.full(nq, -np.inf, np.float32)
-        _block_max(q, D, b - a, best)
-        s = np.float32(0.0)
-        for i in range(nq):
-            s += best[i]
-        out[d] = s
-
-
-def _sign_scan(bits, scale, q, d_off, alive, out):  # pragma: no cover - compiled
-    """Sign bits (LSB-first ``packbits``) decoded to ``±scale``; MaxSim with ``q``."""
-    n_docs = d_off.shape[0] - 1
-    nq, dim = q.shape
-    for d in prange(n_docs):
-        a, b = d_off[d], d_off[d + 1]
-        if b == a or alive[d] == 0:
-            out[d] = -np.inf
-            continue
-        D = np.empty((b - a, dim), np.float32)
-        for j in range(a, b):
-            for k in range(dim):
-                bit = (np.int64(bits[j, k >> 3]) >> (k & 7)) & 1
-                D[j - a, k] = scale if bit else -scale
-        best = np.full(nq, -np.inf, np.float32)
-        _block_max(q, D, b - a, best)
-        s = np.float32(0.0)
-        for i in range(nq):
-            s += best[i]
-        out[d] = s
-
-
 def _half_scan(halves, lut, q, d_off, alive, out):  # pragma: no cover - compiled
     """float16 vectors given as their uint16 bit patterns, widened through
     ``lut float32 (65536,)``; MaxSim with ``q`` (Numba has no float16 type)."""
@@ -169,15 +83,7 @@ def _half_scan(halves, lut, q, d_off, alive, out):  # pragma: no cover - compile
 #: float32 value of every float16 bit pattern
 HALF_LUT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
-table_scan = njit(**NJIT_PARALLEL)(_table_scan)
 half_scan = njit(**NJIT_PARALLEL)(_half_scan)
-half_scan_serial = njit(**NJIT)(_half_scan)
-residual_scan = njit(**NJIT_PARALLEL)(_residual_scan)
-sign_scan = njit(**NJIT_PARALLEL)(_sign_scan)
-#: single-threaded twins: a parallel launch costs more than a small index's scan
-table_scan_serial = njit(**NJIT)(_table_scan)
-residual_scan_serial = njit(**NJIT)(_residual_scan)
-sign_scan_serial = njit(**NJIT)(_sign_scan)
 
 
 def topk_from_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

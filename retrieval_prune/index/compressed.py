@@ -62,6 +62,7 @@ class CompressedIndex(MultiVectorIndex):
         super().__init__()
         self._parts: dict[str, np.ndarray] = {}
         self._offsets = np.zeros(1, np.int64)
+        self._planar = None  # Hamming kernel layout, built on first search
 
     @classmethod
     def from_spec(cls, spec: str, seed: int = 0) -> CompressedIndex:
@@ -125,6 +126,7 @@ class CompressedIndex(MultiVectorIndex):
                 )
             self.fit(docs)
         t0 = time.perf_counter()
+        self._planar = None
         parts = self.chain.encode_parts(docs.embeddings)
         info = self.info.setdefault("codec", {})
         info["encode_seconds"] = round(info.get("encode_seconds", 0.0) + time.perf_counter() - t0, 3)
@@ -139,6 +141,7 @@ class CompressedIndex(MultiVectorIndex):
         self._offsets = np.concatenate([self._offsets, docs.offsets[1:] + self._offsets[-1]])
 
     def _compact_vectors(self, keep: np.ndarray) -> None:
+        self._planar = None
         off = np.asarray(self._offsets)
         lens = np.diff(off)[keep]
         rows = (
@@ -172,57 +175,66 @@ class CompressedIndex(MultiVectorIndex):
         return lambda a, b: qside @ self.decode_documents(a, b).T
 
     def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with _small_index_threads(self.n_vectors):
+            return self._search_kernels(queries, k)
+
+    def _search_kernels(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.chain.transform(queries.embeddings)
         kind = self.storage_codec.score_kind
         if kind == "float":
             from retrieval_prune.index.ops import maxsim_search
 
             return self._search_decoded(maxsim_search, q, queries.offsets, k)
-        return self._search_scan(self._query_side(q), queries.offsets, k)
+        qside = self._query_side(q) if kind == "table" else q
+        return self._search_scan(qside, queries.offsets, k)
+
+    def _planar_bits(self):
+        """Planar sign-bit layout of the Hamming kernel, built once per payload."""
+        if getattr(self, "_planar", None) is None:
+            from retrieval_prune.index.ops import to_planar
+
+            self._planar = to_planar(self._parts["bits"], self._offsets, self.storage_codec.dim_in)
+        return self._planar
 
     def _search_scan(self, qside: np.ndarray, q_off: np.ndarray, k: int):
-        """One Numba scan per query, straight from the codes (no decoded copy)."""
+        """Per query, score every document straight from its codes with the matching
+        kernel (:mod:`retrieval_prune.index.ops`; fp16 via :mod:`..compress._scan`)."""
         from retrieval_prune.compress import _scan
+        from retrieval_prune.index import ops
 
         codec = self.storage_codec
         kind = codec.score_kind
         off = np.ascontiguousarray(self._offsets, dtype=np.int64)
         alive = np.ascontiguousarray(self.alive, dtype=np.uint8)
+        dead = alive == 0
         n_q = q_off.shape[0] - 1
         scores = np.full((n_q, k), -np.inf, np.float32)
         ids = np.full((n_q, k), -1, np.int64)
-        per_doc = np.empty(off.shape[0] - 1, np.float32)
-        serial = off[-1] < PARALLEL_MIN_TOKENS
-        table_scan = _scan.table_scan_serial if serial else _scan.table_scan
-        residual_scan = _scan.residual_scan_serial if serial else _scan.residual_scan
-        sign_scan = _scan.sign_scan_serial if serial else _scan.sign_scan
-        half_scan = _scan.half_scan_serial if serial else _scan.half_scan
-        if kind == "residual":
-            codes, packed = np.asarray(self._parts["codes"]), np.asarray(self._parts["residuals"])
-            cent = np.ascontiguousarray(codec.centroids_, dtype=np.float32)
-        elif kind == "table":
-            codes = np.asarray(self._parts["codes"])
-        elif kind == "fp16":
-            halves = np.asarray(self._parts["vectors"]).view(np.uint16)
-        else:
-            bits = np.asarray(self._parts["bits"])
-            scale = np.float32(1.0 / np.sqrt(codec.dim_in))
+        parts = {name: np.asarray(arr) for name, arr in self._parts.items()}
+        if kind == "fp16":
+            per_doc = np.empty(off.shape[0] - 1, np.float32)
+            half_scan = _scan.half_scan
+            halves = parts["vectors"].view(np.uint16)
         for i in range(n_q):
             if kind == "table":  # qside: the (K, n_q_tok) table; this query's columns
                 qi = np.ascontiguousarray(qside[:, q_off[i] : q_off[i + 1]], dtype=np.float32)
-                table_scan(codes, qi, off, alive, per_doc)
-                scores[i], ids[i] = _scan.topk_from_scores(per_doc, k)
-                continue
-            qi = np.ascontiguousarray(qside[q_off[i] : q_off[i + 1]], dtype=np.float32)
-            if kind == "residual":
-                residual_scan(
-                    codes, packed, cent, codec.bucket_values_, codec.nbits, codec.normalize,
-                    qi, off, alive, per_doc,
-                )  # fmt: skip
-            elif kind == "fp16":
-                half_scan(halves, _scan.HALF_LUT, qi, off, alive, per_doc)
+                per_doc = ops.maxsim_code_scores(qi, parts["codes"], off)
             else:
-                sign_scan(bits, scale, qi, off, alive, per_doc)
+                qi = np.ascontiguousarray(qside[q_off[i] : q_off[i + 1]], dtype=np.float32)
+                if qi.shape[0] == 0:  # an empty query scores 0 against every document
+                    per_doc = np.where(np.diff(off) > 0, 0.0, -np.inf).astype(np.float32)
+                elif kind == "residual":
+                    per_doc = ops.maxsim_residual_rerank(
+                        qi, parts["codes"], parts["residuals"], off, codec.centroids_,
+                        codec.bucket_values_, codec.nbits, normalize=codec.normalize,
+                    )  # fmt: skip
+                elif kind == "binary" and codec.score == "hamming":
+                    per_doc = ops.maxsim_hamming(qi, self._planar_bits())
+                elif kind == "binary":
+                    per_doc = ops.maxsim_binary(qi, parts["bits"], off)
+                else:
+                    half_scan(halves, _scan.HALF_LUT, qi, off, alive, per_doc)
+            per_doc[dead] = -np.inf
             scores[i], ids[i] = _scan.topk_from_scores(per_doc, k)
         return scores, ids
 
@@ -311,6 +323,28 @@ class CompressedIndex(MultiVectorIndex):
         obj.info = meta.get("info", {})
         obj._load_state(arrays, meta)
         return obj
+
+
+class _small_index_threads:
+    """Run the parallel kernels on one thread for a small index: a parallel launch per
+    query costs more than the scan, and much more on a loaded machine."""
+
+    def __init__(self, n_vectors: int) -> None:
+        self.single = n_vectors < PARALLEL_MIN_TOKENS
+
+    def __enter__(self):
+        if self.single:
+            import numba
+
+            self.before = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.single:
+            import numba
+
+            numba.set_num_threads(self.before)
 
 
 def blocked_maxsim(
