@@ -326,6 +326,17 @@ def test_hamming_scan_128_vs_naive(n):
         assert dist.dtype == np.int32 and ids.dtype == np.int64
         np.testing.assert_array_equal(dist, rd)
         np.testing.assert_array_equal(ids, ri)
+    # codes starting 16/32/48 bytes past a 64-byte boundary (the kernel peels to alignment)
+    words = codes.view("<u8")
+    for shift in range(4):
+        buf = np.zeros(2 * n + 8 + 8, np.uint64)
+        base = (-(buf.ctypes.data // 8)) % 8 + 2 * shift
+        moved = buf[base : base + 2 * n].reshape(n, 2)
+        moved[...] = words
+        dist, ids = ops.hamming_scan_128(q, moved, 7)
+        rd, ri = naive.hamming_topk(q, codes, 7)
+        np.testing.assert_array_equal(dist, rd)
+        np.testing.assert_array_equal(ids, ri)
     # uint64 words and a single 1-D query give the same answer
     d1, i1 = ops.hamming_scan_128(q[0].view("<u8"), codes.view("<u8"), 5)
     d2, i2 = ops.hamming_scan_128(q[:1], codes, 5)

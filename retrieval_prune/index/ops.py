@@ -127,6 +127,23 @@ def _alive_mask(alive, n_docs: int) -> tuple[np.ndarray, bool]:
     raise TypeError(f"alive dtype is {a.dtype}, expected bool or uint8")
 
 
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """C-contiguous copy of ``a`` whose data starts on an ``align``-byte boundary.
+
+    Kernels load 64-byte rows (query vectors, lookup tables, planar words); numpy only
+    guarantees 16-byte alignment, and a row that straddles two cache lines costs a split
+    load -- measured 1.8x slower for the binary lookup table.
+    """
+    a = np.asarray(a)
+    if a.flags.c_contiguous and a.ctypes.data % align == 0:
+        return a
+    buf = np.empty(a.nbytes + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def _chunk_bounds(d_off: np.ndarray, n_chunks: int) -> np.ndarray:
     """Document boundaries of ``n_chunks`` chunks holding about equal token counts."""
     n_docs = d_off.shape[0] - 1
@@ -180,7 +197,7 @@ def _pack(q: np.ndarray, off: np.ndarray):
         if n:
             blk = qp[qv_off[i] : qv_off[i + 1]].reshape(-1, dim)
             blk[:n] = q[off[i] : off[i + 1]]
-    qp = np.ascontiguousarray(qp.transpose(0, 2, 1)).reshape(-1)
+    qp = _aligned(qp.transpose(0, 2, 1)).reshape(-1)
     return qp, qv_off, q_len
 
 
@@ -395,7 +412,7 @@ def _codes(codes, offsets, n_centroids: int):
 def _pad_lanes(t: np.ndarray, lanes: int) -> np.ndarray:
     k, n = t.shape
     w = max(lanes, -(-n // lanes) * lanes)
-    out = np.zeros((k, w), t.dtype)
+    out = _aligned(np.zeros((k, w), t.dtype))
     out[:, :n] = t
     return out
 
@@ -645,7 +662,7 @@ def to_planar(bits, offsets, dim: int | None = None) -> PlanarBits:
     doc = np.repeat(np.arange(lens.shape[0]), plen)
     r = np.arange(int(p_off[-1])) - p_off[doc]
     src = off[doc] + np.minimum(r, lens[doc] - 1)
-    planar = np.ascontiguousarray(words[src].T)
+    planar = _aligned(words[src].T)
     return PlanarBits(planar, p_off, dim)
 
 
@@ -680,7 +697,7 @@ def maxsim_hamming(q, planar: PlanarBits, cand_ids=None) -> np.ndarray:
     ids, use_ids, n = _ids_or_all(cand_ids, p_off.shape[0] - 1)
     out = np.empty(n, np.float32)
     if n:
-        P = np.ascontiguousarray(planar.words)
+        P = _aligned(planar.words)
         _bin.hamming_scores_kernel(
             qw.reshape(-1), qw.shape[0], nw, dim, P.reshape(-1), P.shape[1], p_off, ids,
             use_ids, out,
@@ -716,7 +733,7 @@ def binary_lut(q) -> BinaryLUT:
     amax = float(np.abs(partial).max())
     scale = amax / qmax if amax > 0 else 1.0
     lut16 = np.rint(partial / scale).astype(np.int16)  # (nb, 256, ng * lanes)
-    lut = np.ascontiguousarray(lut16.reshape(nb, 256, ng, lanes).transpose(2, 0, 1, 3))
+    lut = _aligned(lut16.reshape(nb, 256, ng, lanes).transpose(2, 0, 1, 3))
     return BinaryLUT(lut, scale, n_q, dim)
 
 
@@ -746,7 +763,7 @@ def maxsim_binary(q, bits, offsets, cand_ids=None) -> np.ndarray:
     if n:
         ng, nb = lut.lut.shape[0], lut.lut.shape[1]
         _bin.binary_lut_scores_kernel(
-            lut.lut.reshape(-1), ng, nb, float(lut.scale), b, off, ids, use_ids, out
+            _aligned(lut.lut).reshape(-1), ng, nb, float(lut.scale), b, off, ids, use_ids, out
         )
         _mark_missing(out, ids, use_ids, off)
     return out
@@ -790,12 +807,17 @@ def hamming_scan_128(q_codes, codes, k: int):
     if n and n_q:
         kk = min(k, n)
         nch = max(1, min(4 * numba.get_num_threads(), n // _bin.SCAN_BLOCK))
+        # chunk starts on 64-byte boundaries of the codes (4 codes), so that the kernel's
+        # 8-code vector loads never straddle cache lines; a0 = first aligned code
+        a0 = ((-c.ctypes.data) % 64) // 16 if c.ctypes.data % 16 == 0 else 0
         bounds = (np.arange(nch + 1, dtype=np.int64) * n) // nch
+        bounds[1:-1] = np.minimum(a0 + (bounds[1:-1] - a0) // 8 * 8, n)
+        bounds = np.maximum.accumulate(bounds)
         ts = np.empty((nch, n_q, kk), np.int64)
         ti = np.empty((nch, n_q, kk), np.int64)
         cnt = np.zeros((nch, n_q), np.int64)
-        qpat = np.ascontiguousarray(np.tile(qc, (1, 4)))  # (n_q, 8): q0 q1 q0 q1 ...
-        _bin.hamming_scan_kernel(c.reshape(-1), qpat.reshape(-1), bounds, kk, ts, ti, cnt)
+        qpat = _aligned(np.tile(qc, (1, 4)))  # (n_q, 8): q0 q1 q0 q1 ...
+        _bin.hamming_scan_kernel(c.reshape(-1), qpat.reshape(-1), bounds, a0, kk, ts, ti, cnt)
         topk_merge(ts, ti, cnt, np.iinfo(np.int64).min, out_s[:, :kk], out_i[:, :kk])
     dist = np.where(out_i >= 0, -out_s, np.iinfo(np.int32).max).astype(np.int32)
     return dist, out_i
