@@ -10,9 +10,9 @@ generic and Numba compiles one version per dtype.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from ._config import NJIT, NJIT_PARALLEL
+from ._config import NJIT
 
 
 @njit(**NJIT)
@@ -42,17 +42,18 @@ def topk_push(ts, ti, n, k, s, i):
     return n
 
 
-@njit(**NJIT_PARALLEL)
+@njit(**NJIT)
 def topk_merge(ts, ti, cnt, pad_score, out_s, out_i):
     """Merge per-chunk lists ``ts/ti (n_chunks, n_q, k)`` with counts ``cnt (n_chunks, n_q)``.
 
     Writes the best ``k`` of every query into ``out_s``/``out_i`` ``(n_q, k)``; missing
-    slots get ``pad_score`` and id ``-1``.
+    slots get ``pad_score`` and id ``-1``. Serial: it touches ``n_chunks * k`` entries
+    per query, negligible next to the scan (and a parallel version compiles slower).
     """
     nch = ts.shape[0]
     nq = ts.shape[1]
     k = out_s.shape[1]
-    for q in prange(nq):
+    for q in range(nq):
         pos = np.zeros(nch, np.int64)
         for r in range(k):
             best = -1
