@@ -342,3 +342,18 @@ def test_hamming_scan_128_vs_naive(n):
     d2, i2 = ops.hamming_scan_128(q[:1], codes, 5)
     np.testing.assert_array_equal(d1, d2)
     np.testing.assert_array_equal(i1, i2)
+
+
+@pytest.mark.slow
+def test_bench_kernels_json_shape():
+    from retrieval_prune.evaluation import bench_kernels
+
+    res = bench_kernels.run(threads=(1,), n_docs=64, progress=False, kernels=["maxsim_f32"])
+    assert set(res) == {"machine", "roofs", "kernels"}
+    assert set(res["roofs"]["1"]) == {"sgemm_gflops", "read_gbps"}
+    row = res["kernels"]["maxsim_f32"]["1"]
+    assert set(row) == {"throughput", "unit", "ratio_to_roof"} and row["unit"] == "GFLOP/s"
+    assert row["throughput"] > 0 and row["ratio_to_roof"] > 0
+    assert "OPENBLAS_CORETYPE" in res["machine"]
+    with pytest.raises(ValueError, match="unknown kernels"):
+        bench_kernels.run(threads=(1,), kernels=["nope"], progress=False)
