@@ -50,7 +50,9 @@ def clustered_tokens(n=4000, dim=DIM, n_centers=48, noise=0.15, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((n_centers, dim))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    x = centers[rng.integers(0, n_centers, n)] + noise * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    x = centers[rng.integers(0, n_centers, n)] + noise * rng.standard_normal((n, dim)) / np.sqrt(
+        dim
+    )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
 
@@ -175,7 +177,9 @@ def test_hierarchical_ids_carry_geometry_arbitrary_ids_do_not():
     rng = np.random.default_rng(0)
     centres = [np.zeros(DIM)]
     for scale in (1.0, 0.5, 0.25):
-        centres = [p + scale * rng.standard_normal(DIM) / np.sqrt(DIM) for p in centres for _ in range(4)]
+        centres = [
+            p + scale * rng.standard_normal(DIM) / np.sqrt(DIM) for p in centres for _ in range(4)
+        ]
     centres = np.array(centres)
     x = centres[rng.integers(0, 64, 6000)] + 0.05 * rng.standard_normal((6000, DIM)) / np.sqrt(DIM)
     x = x.astype(np.float32)
@@ -230,10 +234,14 @@ def test_state_arrays_reload_to_an_identical_codec(spec, fitted, tokens):
     assert all(isinstance(a, np.ndarray) and not a.dtype.hasobject for a in arrays.values())
     fresh = CodecChain.from_spec(chain.spec).load_state(arrays)
     np.testing.assert_array_equal(fresh.encode(tokens), chain.encode(tokens))
-    np.testing.assert_array_equal(fresh.decode(chain.encode(tokens)), chain.decode(chain.encode(tokens)))
+    np.testing.assert_array_equal(
+        fresh.decode(chain.encode(tokens)), chain.decode(chain.encode(tokens))
+    )
 
 
-@pytest.mark.parametrize("spec", ["kmeans:k=64", "hkmeans:k=64", "residual:k=64,nbits=2", "pca:dim=16"])
+@pytest.mark.parametrize(
+    "spec", ["kmeans:k=64", "hkmeans:k=64", "residual:k=64,nbits=2", "pca:dim=16"]
+)
 def test_fit_is_deterministic_under_a_seed(spec, tokens):
     a = CodecChain.from_spec(spec).fit(tokens, seed=3)
     b = CodecChain.from_spec(spec).fit(tokens, seed=3)
@@ -289,7 +297,9 @@ def test_wrong_dtype_dim_and_shape_rejected(fitted, tokens):
 
 @pytest.mark.parametrize("nbits", [0, 3, 5, 8, -1])
 def test_nbits_outside_1_2_4(nbits):
-    with pytest.raises(ValueError, match=rf"nbits={nbits} is not supported; choose nbits in \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError, match=rf"nbits={nbits} is not supported; choose nbits in \[1, 2, 4\]"
+    ):
         ResidualCodec(nbits=nbits)
     with pytest.raises(ValueError, match="nbits"):
         registry.build(f"residual:nbits={nbits}")

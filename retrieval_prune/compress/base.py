@@ -277,7 +277,10 @@ class Codec(Component):
     def code_size(self) -> int:
         """Bytes stored per vector (all parts)."""
         return int(
-            sum(np.dtype(dt).itemsize * int(np.prod(tail, dtype=np.int64)) for _, dt, tail in self.part_layout())
+            sum(
+                np.dtype(dt).itemsize * int(np.prod(tail, dtype=np.int64))
+                for _, dt, tail in self.part_layout()
+            )
         )
 
     # -- persistence ------------------------------------------------------------------

@@ -112,9 +112,7 @@ class PCACodec(Codec):
     def _fit(self, tokens, rng, n_total, seed) -> None:
         d = tokens.shape[1]
         if self.dim > d:
-            raise ValueError(
-                f"pca: dim={self.dim} exceeds the input dim={d}; choose dim <= {d}"
-            )
+            raise ValueError(f"pca: dim={self.dim} exceeds the input dim={d}; choose dim <= {d}")
         rows = sample_rows(tokens.shape[0], self.sample, rng)
         cov = np.zeros((d, d), np.float64)
         for a in range(0, rows.size, BATCH):

@@ -206,7 +206,9 @@ class KMeansCodec(_CentroidCodec):
         self.centroids_ = _round_fp16(train_kmeans(tokens[rows], k, self.niter, seed))
 
 
-def balanced_tree(x: np.ndarray, depth: int, rng: np.random.Generator, niter: int = 4) -> np.ndarray:
+def balanced_tree(
+    x: np.ndarray, depth: int, rng: np.random.Generator, niter: int = 4
+) -> np.ndarray:
     """Balanced hierarchical 2-means: leaf centroids ``(2**depth, dim)`` in path order.
 
     Every node splits its points into two halves of equal size (the median of the
@@ -293,4 +295,6 @@ class HierarchicalKMeansCodec(_CentroidCodec):
         k = self._resolve_k(tokens.shape[0], n_total)
         rows = sample_rows(tokens.shape[0], max(self.sample, k), rng)
         depth = int(np.log2(k))
-        self.centroids_ = _round_fp16(balanced_tree(np.asarray(tokens[rows]), depth, rng, self.niter))
+        self.centroids_ = _round_fp16(
+            balanced_tree(np.asarray(tokens[rows]), depth, rng, self.niter)
+        )

@@ -136,7 +136,11 @@ class ResidualCodec(_CentroidCodec):
         ]
 
     def _quantize(self, res: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.cutoffs_, res.ravel(), side="left").astype(np.uint8).reshape(res.shape)
+        return (
+            np.searchsorted(self.cutoffs_, res.ravel(), side="left")
+            .astype(np.uint8)
+            .reshape(res.shape)
+        )
 
     def _encode_block(self, tokens):
         m = min(self.candidates, self.n_centroids)

@@ -129,7 +129,9 @@ class CompressedIndex(MultiVectorIndex):
         self._planar = None
         parts = self.chain.encode_parts(docs.embeddings)
         info = self.info.setdefault("codec", {})
-        info["encode_seconds"] = round(info.get("encode_seconds", 0.0) + time.perf_counter() - t0, 3)
+        info["encode_seconds"] = round(
+            info.get("encode_seconds", 0.0) + time.perf_counter() - t0, 3
+        )
         if not self._parts:
             self._parts = parts
             self._offsets = docs.offsets.copy()
@@ -281,7 +283,9 @@ class CompressedIndex(MultiVectorIndex):
     # -- persistence ------------------------------------------------------------------
     def _state_arrays(self) -> dict[str, np.ndarray]:
         if not self.chain.is_fitted:
-            raise ValueError("nothing to save: the index's codecs are not fitted; add documents first")
+            raise ValueError(
+                "nothing to save: the index's codecs are not fitted; add documents first"
+            )
         out = {"offsets": np.asarray(self._offsets)}
         for name, arr in self._parts.items():
             out[f"codes.{name}"] = arr
@@ -384,7 +388,7 @@ def blocked_maxsim(
         blk = np.full((n_q, db - da), -np.inf, np.float32)
         if cols.size and nq_tok:
             s = np.asarray(sim(ta, tb), np.float32)
-            per_doc = np.maximum.reduceat(s, d_offsets[da : db][cols] - ta, axis=1)
+            per_doc = np.maximum.reduceat(s, d_offsets[da:db][cols] - ta, axis=1)
             summed = np.zeros((n_q, cols.size), np.float32)
             if q_nonempty.size:
                 summed[q_nonempty] = np.add.reduceat(per_doc, q_offsets[:-1][q_nonempty], axis=0)
@@ -393,7 +397,9 @@ def blocked_maxsim(
             blk[:, cols] = 0.0
         if alive is not None:
             blk[:, np.asarray(alive[da:db]) == 0] = -np.inf
-        best_s, best_i = merge_topk(best_s, best_i, blk, np.broadcast_to(np.arange(da, db), blk.shape), k)
+        best_s, best_i = merge_topk(
+            best_s, best_i, blk, np.broadcast_to(np.arange(da, db), blk.shape), k
+        )
         da = db
     best_i[~np.isfinite(best_s)] = -1
     return best_s, best_i
