@@ -425,7 +425,7 @@ def kmeans_pp_init(x, k, seed):
     mind = np.empty(m, np.float64)
     c0 = chosen[0]
     for a in range(m):
-        acc = 0.0
+        acc = np.float32(0.0)
         for j in range(d):
             dl = x[a, j] - x[c0, j]
             acc += dl * dl
@@ -450,7 +450,7 @@ def kmeans_pp_init(x, k, seed):
         chosen[n_chosen] = pick
         n_chosen += 1
         for a in range(m):
-            acc = 0.0
+            acc = np.float32(0.0)
             for j in range(d):
                 dl = x[a, j] - x[pick, j]
                 acc += dl * dl
@@ -468,28 +468,30 @@ def lloyd(x, init, iters, labels):
     """
     m, d = x.shape
     k = init.shape[0]
-    cent = np.empty((k, d), np.float64)
+    # float32 centroids for the distance scan (SIMD with the float32 tokens); the
+    # centroid means are accumulated in float64
+    cent = np.empty((k, d), np.float32)
     for c in range(k):
         for j in range(d):
             cent[c, j] = x[init[c], j]
-    cnorm = np.empty(k, np.float64)
+    cnorm = np.empty(k, np.float32)
     for a in range(m):
         labels[a] = -1
     for _ in range(iters):
         for c in range(k):
-            acc = 0.0
+            acc = np.float32(0.0)
             for j in range(d):
                 acc += cent[c, j] * cent[c, j]
             cnorm[c] = acc
         changed = False
         for a in range(m):
-            best = _BIG
+            best = np.float32(3.0e38)
             bc = 0
             for c in range(k):
-                acc = 0.0
+                acc = np.float32(0.0)
                 for j in range(d):
                     acc += x[a, j] * cent[c, j]
-                v = cnorm[c] - 2.0 * acc
+                v = cnorm[c] - np.float32(2.0) * acc
                 if v < best:
                     best = v
                     bc = c
@@ -508,7 +510,7 @@ def lloyd(x, init, iters, labels):
         for c in range(k):
             if cnt[c] > 0:
                 for j in range(d):
-                    cent[c, j] = acc_c[c, j] / cnt[c]
+                    cent[c, j] = np.float32(acc_c[c, j] / cnt[c])
 
 
 @njit(**NJIT_PARALLEL)
