@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .popcount import vbroadcast, vfma, vload, vmax, vsplat, vstore
+from .popcount import prefetch, vbroadcast, vfma, vload, vmax, vsplat, vstore
 from .topk import topk_push
 
 #: Finite stand-in for -inf inside kernels (largest negative float32).
@@ -47,6 +47,16 @@ LANES = 16
 # Per-document MaxSim
 # --------------------------------------------------------------------------------------
 @njit(**NJIT)
+def _prefetch_rows(D1, start, count, limit):
+    """Prefetch ``D1[start:start+count]`` (the next block of document tokens), one line per
+    16 floats, unless it would run past the array. The hardware prefetcher alone leaves a
+    single query at ~0.7 of sgemm (DRAM stalls); with this it matches a query batch."""
+    if start <= limit:
+        for i in range(0, count, 16):
+            prefetch(D1, start + i)
+
+
+@njit(**NJIT)
 def _max2(qp, base, dim, D1, s, e, mbuf, mo):
     """Max over document tokens ``s:e`` for the 32 query lanes of vectors at ``base``.
 
@@ -57,12 +67,14 @@ def _max2(qp, base, dim, D1, s, e, mbuf, mo):
     b1 = base + dim * LANES
     last = e - 1
     z = vsplat(np.float32(0.0), 16)
+    limit = D1.shape[0] - 4 * dim
     j = s
     while j < e:
         r0 = j * dim
         r1 = min(j + 1, last) * dim
         r2 = min(j + 2, last) * dim
         r3 = min(j + 3, last) * dim
+        _prefetch_rows(D1, (j + 4) * dim, 4 * dim, limit)
         a00 = z
         a01 = z
         a10 = z
@@ -99,8 +111,10 @@ def _max1(qp, base, dim, D1, s, e, mbuf, mo):
     m0 = vsplat(NEG, 16)
     last = e - 1
     z = vsplat(np.float32(0.0), 16)
+    limit = D1.shape[0] - 8 * dim
     j = s
     while j < e:
+        _prefetch_rows(D1, (j + 8) * dim, 8 * dim, limit)
         r0 = j * dim
         r1 = min(j + 1, last) * dim
         r2 = min(j + 2, last) * dim

@@ -40,6 +40,7 @@ __all__ = [
     "vhmin",
     "vlt_any",
     "vpairadd",
+    "prefetch",
 ]
 
 
@@ -349,5 +350,32 @@ def vpairadd(typingctx, a, b):
         x = builder.shuffle_vector(args[0], args[1], even)
         y = builder.shuffle_vector(args[0], args[1], odd)
         return builder.fadd(x, y) if _is_float(sig.args[0]) else builder.add(x, y)
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Software prefetch of the cache line holding ``arr.flat[idx]`` (read, keep in all
+    cache levels). Never faults; ``idx`` should still lie inside the array."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        builder.call(
+            fn,
+            [
+                builder.bitcast(p, i8p),
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ],
+        )
+        return context.get_dummy_value()
 
     return sig, codegen
