@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -133,11 +134,34 @@ class EmbeddingCache:
             raise ValueError(f"dataset_name={dataset_name!r} must be a non-empty string")
         settings = encoder.settings
         key = cache_key(settings, dataset_name, texts_digest(doc_ids, texts), kind)
-        hit = self.load(key)
-        if hit is not None and (hit.weights is not None or not with_importance):
-            if hit.weights is not None and not with_importance:
-                hit = MultiVectors(hit.embeddings, hit.offsets)
+        hit = self._usable(self.load(key), with_importance)
+        if hit is not None:
             return hit
+        # One process encodes a key at a time: others wait on the lock, then find the entry.
+        lock_path = self.path_for(key).with_suffix(".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                hit = self._usable(self.load(key), with_importance)
+                if hit is not None:
+                    return hit
+                return self._encode_and_store(encoder, key, settings, dataset_name, texts, kind,
+                                              with_importance, progress)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _usable(hit: MultiVectors | None, with_importance: bool) -> MultiVectors | None:
+        if hit is None or (with_importance and hit.weights is None):
+            return None
+        if hit.weights is not None and not with_importance:
+            return MultiVectors(hit.embeddings, hit.offsets)
+        return hit
+
+    def _encode_and_store(self, encoder: _EncoderLike, key: str, settings: dict[str, Any],
+                          dataset_name: str, texts: Sequence[str], kind: str,
+                          with_importance: bool, progress: bool) -> MultiVectors:
         if kind == "docs":
             mv = encoder.encode_documents(
                 list(texts), progress=progress, return_importance=with_importance
@@ -158,7 +182,7 @@ class EmbeddingCache:
             "n_tokens": mv.n_tokens,
             "dim": mv.dim,
         }
-        self._store(key, mv, meta, replace=hit is not None)
+        self._store(key, mv, meta, replace=self.path_for(key).exists())
         stored = self.load(key)
         return mv if stored is None else stored
 
