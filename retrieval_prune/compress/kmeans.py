@@ -223,12 +223,12 @@ def balanced_tree(
         new_bounds = []
         for s, e in bounds:
             idx = order[s:e]
-            pts = x[idx].astype(np.float64)
+            pts = np.asarray(x[idx], dtype=np.float32)  # float32: bounded memory
             m = e - s
             half = m // 2
             if m >= 2:
                 centred = pts - pts.mean(axis=0)
-                v = rng.standard_normal(x.shape[1])
+                v = rng.standard_normal(x.shape[1]).astype(np.float32)
                 for _ in range(3):  # power iteration: the top principal direction
                     v = centred.T @ (centred @ v)
                     v /= np.linalg.norm(v) or 1.0
