@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import LANES, NEG, doc_maxsim
-from .popcount import vadd, vhadd, vload, vmax, vsplat, vstore
+from .popcount import load_u64, vadd, vhadd, vload, vmax, vsplat, vstore
 from .topk import topk_push
 
 #: uint8 lanes per vector of the quantised-table kernel
@@ -99,6 +99,41 @@ def doc_code_f32(table, W, codes, s, e):
 
 
 @njit(**NJIT)
+def _row32(table, w, k):
+    """uint8 table row of the k-th code byte packed in ``w`` (row stride 32)."""
+    return vload(table, np.int64((w >> np.uint64(8 * k)) & np.uint64(255)) * 32, 32)
+
+
+@njit(**NJIT)
+def _doc_code_u8_w32(table, cs, n):
+    """:func:`doc_code_u8` for uint8 codes and ``W == 32``: 8 codes per 64-bit load
+    (one load and shifts instead of eight byte loads: measured 1.2x)."""
+    m0 = vsplat(np.uint8(0), 32)
+    m1 = m0
+    j = 0
+    while j + 8 <= n:
+        w = load_u64(cs, j)
+        m0 = vmax(m0, vmax(vmax(_row32(table, w, 0), _row32(table, w, 1)),
+                           vmax(_row32(table, w, 2), _row32(table, w, 3))))  # fmt: skip
+        m1 = vmax(m1, vmax(vmax(_row32(table, w, 4), _row32(table, w, 5)),
+                           vmax(_row32(table, w, 6), _row32(table, w, 7))))  # fmt: skip
+        j += 8
+    while j < n:
+        m0 = vmax(m0, vload(table, np.int64(cs[j]) * 32, 32))
+        j += 1
+    return vhadd(vmax(m0, m1))
+
+
+@njit(**NJIT)
+def _u8_score(table, W, codes, s, e, fast):
+    """:func:`doc_code_u8`, or its ``W == 32`` uint8-code version when ``fast`` (decided
+    once per scan: a per-document dispatch inside ``doc_code_u8`` cost ~15 %)."""
+    if fast:
+        return _doc_code_u8_w32(table, codes[s:e], e - s)
+    return doc_code_u8(table, W, codes, s, e)
+
+
+@njit(**NJIT)
 def doc_code_u8(table, W, codes, s, e):
     """Integer sum over lanes of max over tokens of a uint8 table ``(K, W)``, W % 32 == 0."""
     cs = codes[s:e]
@@ -152,8 +187,23 @@ def code_u8_scores_kernel(table, W, scale, offset, codes, d_off, ids, use_ids, o
     ``scale * sum + offset`` (``offset`` = n_q * lo)."""
     n = out.shape[0]
     nch = min(n, 1024)
+    fast = W == LANES_U8 and codes.itemsize == 1
     for c in prange(nch):
-        for r in range(c * n // nch, (c + 1) * n // nch):
+        lo = c * n // nch
+        hi = (c + 1) * n // nch
+        if not use_ids and fast:
+            # the common case, kept lean: slices (no index fix-ups), no dispatch per doc
+            offs = d_off[lo : hi + 1]
+            o = out[lo:hi]
+            for r in range(hi - lo):
+                s = offs[r]
+                e = offs[r + 1]
+                if e > s:
+                    o[r] = np.float32(scale * _doc_code_u8_w32(table, codes[s:e], e - s) + offset)
+                else:
+                    o[r] = NEG
+            continue
+        for r in range(lo, hi):
             doc = ids[r] if use_ids else r
             if doc < 0:
                 out[r] = NEG
@@ -161,7 +211,7 @@ def code_u8_scores_kernel(table, W, scale, offset, codes, d_off, ids, use_ids, o
             s = d_off[doc]
             e = d_off[doc + 1]
             if e > s:
-                out[r] = np.float32(scale * doc_code_u8(table, W, codes, s, e) + offset)
+                out[r] = np.float32(scale * _u8_score(table, W, codes, s, e, fast) + offset)
             else:
                 out[r] = NEG
 
@@ -174,6 +224,7 @@ def code_search_kernel(
     """Fused top-k of code MaxSim for one query over all documents (chunks ``bounds``);
     per-chunk lists ``ts/ti[c, 0, :]`` with ``cnt[c, 0]`` entries (see ``topk_merge``)."""
     nch = bounds.shape[0] - 1
+    fast = W == LANES_U8 and codes.itemsize == 1
     for c in prange(nch):
         n = 0
         for doc in range(bounds[c], bounds[c + 1]):
@@ -182,7 +233,7 @@ def code_search_kernel(
             if e <= s or (use_alive and alive[doc] == 0):
                 continue
             if use_u8:
-                sc = np.float32(scale * doc_code_u8(table_u8, W, codes, s, e) + offset)
+                sc = np.float32(scale * _u8_score(table_u8, W, codes, s, e, fast) + offset)
             else:
                 sc = doc_code_f32(table_f32, W, codes, s, e)
             if n < k or sc > ts[c, 0, k - 1]:

@@ -41,6 +41,7 @@ __all__ = [
     "vlt_any",
     "vpairadd",
     "prefetch",
+    "load_u64",
 ]
 
 
@@ -377,5 +378,18 @@ def prefetch(typingctx, arr, idx):
             ],
         )
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def load_u64(typingctx, arr, idx):
+    """8 bytes at ``arr.flat[idx]`` (a uint8 array; any alignment) as a little-endian
+    uint64 -- one load instead of eight byte loads."""
+    sig = types.uint64(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1)
 
     return sig, codegen
