@@ -462,8 +462,10 @@ def run(
     timer : ``"wall"`` (default: wall-clock seconds) or ``"cpu"``: process CPU seconds
         divided by the thread count, for an oversubscribed machine where other processes
         take the cores away mid-run. CPU mode estimates what the kernels (and roofs)
-        reach with ``t`` cores of their own; it counts a thread spinning at a barrier as
-        busy, so it is exact for 1 thread and slightly pessimistic above.
+        reach with ``t`` cores of their own. It is sound for 1 thread; above, it counts
+        a thread spinning at a barrier as busy (pessimistic for millisecond-long calls)
+        and misses the bandwidth the threads share when the OS runs them one after the
+        other (optimistic for memory-bound kernels): prefer wall time on a quiet host.
     """
     if timer not in ("wall", "cpu"):
         raise ValueError(f"timer={timer!r}: use 'wall' or 'cpu'")
