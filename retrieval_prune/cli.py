@@ -1,4 +1,4 @@
-"""Command line: ``retrieval-prune {build,search,eval,bench,plugins}``."""
+"""Command line: ``retrieval-prune {build,search,eval,bench,add,delete,compact,inspect,plugins}``."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from retrieval_prune.evaluation import bench_kernels
 
         result = bench_kernels.run(threads=tuple(args.threads), n_docs=args.n_docs,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, timer=args.timer)
         print(json.dumps(result, indent=1))
         if args.json:
             _write_json(args.json, result)
@@ -152,6 +152,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={p.default!r}" for k, p in cls.params.items())
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{cls.stage:7s} {name:14s} {params}\n        {doc}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from retrieval_prune.train import TrainConfig, train
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    cfg = TrainConfig(
+        data=tuple(args.data), crisp=args.crisp, minutes=args.minutes, max_steps=args.steps,
+        seed=args.seed, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
+        precision=args.precision, threads=args.threads,
+    )
+    res = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    losses = res.losses
+    head = sum(losses[:20]) / max(len(losses[:20]), 1)
+    tail = sum(losses[-20:]) / max(len(losses[-20:]), 1)
+    print(f"{res.path}: {res.steps} steps in {res.seconds / 60:.1f} min (stopped by "
+          f"{res.stopped_by}); loss {head:.3f} -> {tail:.3f} (mean of first / last 20 steps)")
+    pipe = cfg.crisp_spec.plugin_spec if cfg.crisp_spec else "exact"
+    print(f"evaluate: retrieval-prune eval --data scifact --checkpoint {res.path} "
+          f"--pipeline exact" + (f" --pipeline '{pipe}'" if pipe != "exact" else ""))
     return 0
 
 
@@ -208,12 +230,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder, for an index built with a trained checkpoint")
     s.set_defaults(func=cmd_search)
 
+    t = sub.add_parser("train", help="fine-tune the ColBERT-style encoder (optionally CRISP)",
+                       description="Contrastive MaxSim fine-tuning (in-batch + hard negatives) "
+                                   "of MiniLM + a 128-d projection on train pairs; writes a "
+                                   "safetensors checkpoint that carries its training config.")
+    t.add_argument("--data", action="append", required=True, metavar="NAME",
+                   help="training collection: its qrels/train.tsv (scifact) or 'squad' "
+                        "(question -> paragraph); repeatable; never a test split")
+    t.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to write")
+    t.add_argument("--crisp", default=None, metavar="QxD|P%",
+                   help="CRISP in the loop: fixed clusters per query x document (8x32, 4x8) "
+                        "or a fraction of each sequence's tokens (25%%, 50%%)")
+    t.add_argument("--minutes", type=float, default=45.0,
+                   help="wall-clock budget for the whole run; stops cleanly and saves (default 45)")
+    t.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=16, help="queries per step (default 16)")
+    t.add_argument("--negatives", type=int, default=1,
+                   help="hard negatives per query, besides in-batch ones (default 1)")
+    t.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate (default 3e-5)")
+    t.add_argument("--precision", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="autocast precision of forward/backward (weights stay float32)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
     bn = sub.add_parser("bench", help="benchmarks (kernels)",
                         description="Benchmarks measured against this machine's own roofs.")
     bn.add_argument("what", choices=["kernels"])
     bn.add_argument("--json", metavar="PATH")
     bn.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     bn.add_argument("--n-docs", type=int, default=10_000)
+    bn.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                    help="wall clock (quiet machine) or process CPU time (busy machine; "
+                         "exact for one thread)")
     bn.add_argument("-q", "--quiet", action="store_true")
     bn.set_defaults(func=cmd_bench)
 
@@ -223,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser = None
     if add_serve_parser is not None:
         add_serve_parser(sub)
+
+    from retrieval_prune.index.admin import add_index_parsers
+
+    add_index_parsers(sub)  # add, delete, compact, inspect
 
     pl = sub.add_parser("plugins", help="list registered components and their parameters")
     pl.add_argument("--stage", default=None)
