@@ -105,6 +105,12 @@ class Component:
 
     @classmethod
     def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # a bare word ("binary:sign") is the value of the parameter whose choices hold it
+        for word in [k for k, v in kwargs.items() if v is None and k not in cls.params]:
+            owners = [k for k, p in cls.params.items() if p.choices and word in p.choices]
+            if len(owners) == 1 and owners[0] not in kwargs:
+                del kwargs[word]
+                kwargs[owners[0]] = word
         unknown = sorted(set(kwargs) - set(cls.params))
         if unknown:
             raise ValueError(
@@ -150,7 +156,13 @@ def _load_builtin() -> None:
     # Importing the stage packages registers their components.
     import importlib
 
-    for mod in ("retrieval_prune.index.flat", "retrieval_prune.compress", "retrieval_prune.preprocess"):
+    for mod in (
+        "retrieval_prune.index.flat",
+        "retrieval_prune.index.ivf",
+        "retrieval_prune.index.hnsw",
+        "retrieval_prune.compress",
+        "retrieval_prune.preprocess",
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a stage not built yet
@@ -207,6 +219,12 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
                 key = key.strip()
+                if not eq and key.replace("_", "").isalnum():
+                    # a bare word: resolved against the parameters' choices by the component
+                    if key in params:
+                        raise ValueError(f"{key!r} given twice in {step!r}")
+                    params[key] = None  # type: ignore[assignment]
+                    continue
                 if not eq or not key:
                     raise ValueError(
                         f"bad parameter {item.strip()!r} in {step!r}; write key=value"

@@ -5,7 +5,8 @@ from retrieval_prune import registry
 
 def test_parse_spec_grammar():
     assert registry.parse_spec("a:x=1, y=two | b") == [("a", {"x": "1", "y": "two"}), ("b", {})]
-    for bad in ["", "a | | b", "a:x", "a:x=1,x=2", "bad name:x=1"]:
+    assert registry.parse_spec("binary:sign") == [("binary", {"sign": None})]  # bare word
+    for bad in ["", "a | | b", "a:=1", "a:x=1,x=2", "a:x,x", "bad name:x=1", "a:x y"]:
         with pytest.raises(ValueError):
             registry.parse_spec(bad)
 
@@ -49,3 +50,6 @@ def test_param_conversion_and_errors():
         Demo(n="x")
     with pytest.raises(ValueError, match="unknown parameter"):
         Demo(bogus=1)
+    # a bare word is the value of the one parameter whose choices hold it
+    assert registry.parse_spec("x:b")[0][1] == {"b": None}
+    assert Demo(**registry.parse_spec("x:b")[0][1]).mode == "b"
