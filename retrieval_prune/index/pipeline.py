@@ -4,6 +4,7 @@ A pipeline is token preprocessors (stage ``tokens``), then optionally a codec ch
 (stage ``codec``), then optionally an index type (stage ``index``)::
 
     exact                               -> flat index, uncompressed (alias of "flat")
+    default                             -> the recommended compressed index (see ALIASES)
     pool:factor=2                       -> pooled tokens, flat index
     pool:factor=2 | residual:nbits=2    -> pooled tokens, residual codes, brute-force search
 
@@ -23,8 +24,14 @@ from retrieval_prune.types import MultiVectors
 
 __all__ = ["Pipeline", "make_pipeline", "ALIASES"]
 
-#: names that stand for a whole pipeline spec
-ALIASES: dict[str, str] = {"exact": "flat"}
+#: names that stand for a whole pipeline spec; ``default`` is the recommended compressed
+#: configuration: half the vectors (Ward pooling), 2-bit residuals of the remaining ones
+#: (decoded vectors re-normalised, as ColBERTv2 does) and staged PLAID-style IVF search.
+#: It works at any encoder dimension (measurements: eval/results/staged_search.md).
+ALIASES: dict[str, str] = {
+    "exact": "flat",
+    "default": "pool:factor=2 | residual:nbits=2,normalize=true | ivf",
+}
 
 
 class Pipeline:

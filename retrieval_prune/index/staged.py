@@ -1,0 +1,612 @@
+"""Staged search over centroid codes: candidates, approximate scoring, rerank.
+
+:class:`StagedIndex` stores what a :class:`~retrieval_prune.index.compressed.CompressedIndex`
+stores (codec-chain codes, offsets, codec state) and searches it PLAID-style, each stage
+with its own budget:
+
+1. **score table** -- per query the centroid similarities ``T = C qᵀ`` (K x n_q), one
+   matrix product for the whole query batch, computed once and shared by every stage;
+2. **candidates** -- the ``nprobe`` best centroids of every query token (found exactly
+   from ``T``, by Hamming distance of sign bits, or through an HNSW graph: subclasses
+   choose) and the union of their inverted lists (documents holding a token of that
+   centroid); deleted documents are skipped;
+3. **approximate scoring** -- centroid interaction ``Σ_i max_j T[code_j, i]`` of every
+   candidate straight from its codes with a uint8-quantised table (parallel over
+   documents); with ``t_cs`` set, centroids whose best similarity to any query token is
+   below ``t_cs`` are pruned from this pass (PLAID's pruned interaction). The best
+   ``n_candidates`` are re-scored by the full interaction with the float32 table;
+4. **rerank** -- the best ``n_rerank`` are scored exactly against their decompressed
+   residuals (``residual`` storage) or the float table (``kmeans`` storage); top ``k``.
+
+Ties are broken by the lower position at every stage, so a search is deterministic and
+an index that had documents added and then deleted answers exactly like a fresh build
+of the remaining documents with the same codebook. With budgets that cover everything
+(``nprobe`` >= K, ``n_candidates`` and ``n_rerank`` >= documents) the result equals the
+brute-force search of the same codes (:meth:`StagedIndex.search_bruteforce`).
+
+The inverted file is derived from the codes when the index is opened (O(n_tokens), no
+sort), so it costs no disk; the arrays stay memory-mapped.
+
+Live updates: documents added to a fitted index are coded with the existing codebook,
+and the index measures *codebook drift* -- the quantization error of the new vectors
+relative to the error on the data the codebook was fitted on (:meth:`StagedIndex.drift`);
+a ratio well above 1 means the codebook no longer fits and the index should be rebuilt.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from retrieval_prune import registry
+from retrieval_prune.compress.chain import CodecChain
+from retrieval_prune.compress.kmeans import _CentroidCodec
+from retrieval_prune.index import storage
+from retrieval_prune.index.base import MultiVectorIndex, encode_strings
+from retrieval_prune.index.compressed import CompressedIndex
+from retrieval_prune.kernels import codes as _codes_k
+from retrieval_prune.kernels import ivf as _ivf_k
+from retrieval_prune.registry import Param
+from retrieval_prune.types import MultiVectors
+
+__all__ = ["StagedIndex", "DRIFT_WARN", "build_streaming"]
+
+#: drift ratio above which the index recommends a rebuild (and add() warns)
+DRIFT_WARN = 1.25
+#: tokens sampled per batch to measure quantization error
+DRIFT_SAMPLE = 8192
+#: added tokens needed before drift can recommend a rebuild (smaller samples are noise)
+DRIFT_MIN_TOKENS = 256
+#: uint8 lanes of the quantised-table kernel
+_LANES_U8 = _codes_k.LANES_U8
+
+STAGE_PARAMS: dict[str, Param] = {
+    "nprobe": Param(2, int, "centroids probed per query token", low=1, high=65536),
+    "t_cs": Param(
+        None, float, "centroid score threshold of the pruned interaction (PLAID); unset: off"
+    ),
+    "n_candidates": Param(
+        1024, int, "documents kept by the (pruned) approximate scoring", low=1
+    ),
+    "n_rerank": Param(256, int, "documents re-scored exactly (residual decompression)", low=1),
+}
+
+
+class StagedIndex(CompressedIndex):
+    """Codec-chain codes searched in stages (see the module docstring).
+
+    Subclasses set ``name``/``index_type``, ``params`` (``STAGE_PARAMS`` plus their own)
+    and implement :meth:`_probe`. Build with :meth:`from_codecs` or a pipeline spec
+    (``"pca:dim=128 | residual:nbits=2 | ivf:nprobe=4"``).
+    """
+
+    #: codec chain used when a spec names no codec
+    DEFAULT_CODECS: ClassVar[str] = "residual:nbits=2"
+
+    def __init__(self, chain: CodecChain | None = None, seed: int = 0, **params: Any) -> None:
+        if chain is None:
+            chain = CodecChain.from_spec(self.DEFAULT_CODECS)
+        if not isinstance(chain.storage, _CentroidCodec):
+            raise ValueError(
+                f"{self.name}: staged search needs centroid codes (kmeans, hkmeans or residual) as "
+                f"the storage codec, got {chain.storage.spec!r}; e.g. "
+                f"'pca:dim=128 | residual:nbits=2 | {self.name}'"
+            )
+        CompressedIndex.__init__(self, chain, seed)
+        for key, value in self._check_params(params).items():
+            setattr(self, key, value)
+        self.pipeline_spec = self.spec
+        self._cache: dict[str, Any] | None = None
+
+    # -- spec ---------------------------------------------------------------------------
+    @classmethod
+    def from_codecs(cls, codec_spec: str, seed: int = 0, **params: Any) -> StagedIndex:
+        """An empty index over the codec chain ``codec_spec`` (``make_pipeline`` calls this)."""
+        return cls(CodecChain.from_spec(codec_spec), seed=seed, **params)
+
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0) -> StagedIndex:  # type: ignore[override]
+        """Parse ``"<codec chain> | <name>:<params>"`` (the index's own canonical spec)."""
+        parts = [p.strip() for p in spec.split("|")]
+        name, _, _ = parts[-1].partition(":")
+        if name.strip() != cls.name:
+            return cls(CodecChain.from_spec(spec), seed=seed)
+        (_, params), = registry.parse_spec(parts[-1])
+        chain = CodecChain.from_spec(" | ".join(parts[:-1])) if len(parts) > 1 else None
+        return cls(chain, seed=seed, **params)
+
+    @property
+    def spec(self) -> str:  # type: ignore[override]
+        return f"{self.chain.spec} | {registry.format_spec([(self.name, self.get_params())])}"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.chain == other.chain  # type: ignore[attr-defined]
+            and self.get_params() == other.get_params()  # type: ignore[attr-defined]
+        )
+
+    __hash__ = MultiVectorIndex.__hash__
+
+    def configure(self, **params: Any) -> StagedIndex:
+        """Change search budgets (validated like the spec); returns self.
+
+        >>> index.configure(nprobe=8, n_rerank=512)  # doctest: +SKIP
+        """
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; known: {list(self.params)}")
+        merged = {**self.get_params(), **params}
+        for key, value in self._check_params(merged).items():
+            setattr(self, key, value)
+        self._check_search_params()
+        if self.pipeline_spec:
+            head = self.pipeline_spec.rsplit("|", 1)[0] if "|" in self.pipeline_spec else ""
+            tokens = [s for s in head.split("|") if s.strip() and _stage_of(s) == "tokens"]
+            self.pipeline_spec = " | ".join([t.strip() for t in tokens] + [self.spec])
+        return self
+
+    def _check_search_params(self) -> None:
+        """Subclass hook for cross-parameter checks."""
+
+    # -- build ---------------------------------------------------------------------------
+    def fit(self, docs: MultiVectors | np.ndarray, seed: int | None = None) -> StagedIndex:
+        super().fit(docs, seed)
+        tokens = docs.embeddings if isinstance(docs, MultiVectors) else docs
+        base = self._quant_error(tokens, np.random.default_rng(self.seed))
+        self.info["drift"] = {
+            "fit_mse": base["mse"],
+            "fit_centroid_mse": base["centroid_mse"],
+            "fit_sample": base["n"],
+            "added_tokens": 0,
+            "added_mse": None,
+            "added_centroid_mse": None,
+            "ratio": None,
+            "rebuild_recommended": False,
+        }
+        self._after_fit()
+        self._cache = None
+        return self
+
+    def _after_fit(self) -> None:
+        """Subclass hook: build structures over the fitted centroids."""
+
+    def _quant_error(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+        """Mean squared quantization error (search space) of a token sample: after full
+        coding (``mse``) and to the nearest stored centroid alone (``centroid_mse``)."""
+        n = tokens.shape[0]
+        rows = np.sort(rng.choice(n, size=DRIFT_SAMPLE, replace=False)) if n > DRIFT_SAMPLE else np.arange(n)
+        if rows.size == 0:
+            return {"mse": 0.0, "centroid_mse": 0.0, "n": 0}
+        x = self.chain.transform(np.ascontiguousarray(tokens[rows], dtype=np.float32))
+        codec = self.storage_codec
+        parts = codec.encode_parts(x)
+        rec = codec.decode_parts(parts)
+        cent = codec.centroids_[np.asarray(parts["codes"], np.int64)]
+        return {
+            "mse": float(np.mean(np.sum((x - rec) ** 2, axis=1))),
+            "centroid_mse": float(np.mean(np.sum((x - cent) ** 2, axis=1))),
+            "n": int(rows.size),
+        }
+
+    def _add_vectors(self, docs: MultiVectors) -> None:
+        # drift is measured on documents added to a built index (not on the build itself)
+        if self.chain.is_fitted and docs.n_tokens and self.n_positions:
+            self._record_drift(docs.embeddings)
+        super()._add_vectors(docs)
+        self._cache = None
+
+    def _record_drift(self, tokens: np.ndarray) -> None:
+        drift = self.info.get("drift")
+        if not drift or not drift.get("fit_mse"):
+            return
+        err = self._quant_error(tokens, np.random.default_rng(self.seed + 1 + drift["added_tokens"]))
+        n_old, n_new = drift["added_tokens"], tokens.shape[0]
+        w_old = n_old / (n_old + n_new)
+        for key, val in (("added_mse", err["mse"]), ("added_centroid_mse", err["centroid_mse"])):
+            prev = drift.get(key)
+            drift[key] = val if prev is None else w_old * prev + (1 - w_old) * val
+        drift["added_tokens"] = n_old + n_new
+        drift["last_batch_ratio"] = max(
+            err["mse"] / drift["fit_mse"], err["centroid_mse"] / max(drift["fit_centroid_mse"], 1e-30)
+        )
+        drift["ratio"] = max(
+            drift["added_mse"] / drift["fit_mse"],
+            drift["added_centroid_mse"] / max(drift["fit_centroid_mse"], 1e-30),
+        )
+        # a few tokens say little: decide (and warn) once enough have been added
+        drift["rebuild_recommended"] = bool(
+            drift["ratio"] > DRIFT_WARN and drift["added_tokens"] >= DRIFT_MIN_TOKENS
+        )
+        if drift["rebuild_recommended"] and (
+            n_new >= DRIFT_MIN_TOKENS or drift["last_batch_ratio"] > DRIFT_WARN
+        ):
+            warnings.warn(
+                f"codebook drift: the added vectors quantize {drift['ratio']:.2f}x worse "
+                f"than the data the codebook was fitted on (threshold {DRIFT_WARN}); search "
+                "quality may drop -- rebuild the index when convenient",
+                stacklevel=4,
+            )
+
+    def drift(self) -> dict[str, Any]:
+        """Codebook drift report: fit-sample and added-data quantization errors, their
+        ratio (max over full coding and centroid-only) and ``rebuild_recommended``."""
+        return dict(self.info.get("drift") or {})
+
+    def _compact_vectors(self, keep: np.ndarray) -> None:
+        super()._compact_vectors(keep)
+        self._cache = None
+
+    def _load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super()._load_state(arrays, meta)
+        self._cache = None
+
+    # -- search -------------------------------------------------------------------------
+    def _prepare(self) -> dict[str, Any]:
+        """Search-time structures, derived once per payload: inverted file, lookup tables."""
+        cache = self._cache
+        if cache is not None and cache["n_positions"] == self.n_positions:
+            return cache
+        codec = self.storage_codec
+        off = np.ascontiguousarray(self._offsets, dtype=np.int64)
+        codes = np.asarray(self._parts["codes"])
+        cent = np.ascontiguousarray(codec.centroids_, dtype=np.float32)
+        k = cent.shape[0]
+        list_off, list_docs = _ivf_k.build_ivf_kernel(codes, off, k)
+        lens = np.diff(off)
+        cache = {
+            "n_positions": self.n_positions,
+            "off": off,
+            "codes": codes,
+            "centroids": cent,
+            "list_off": list_off,
+            "list_docs": list_docs,
+            "max_len": int(lens.max()) if lens.size else 0,
+            "mean_len": float(lens.mean()) if lens.size else 0.0,
+            "nonempty": np.flatnonzero(lens > 0),
+        }
+        if codec.score_kind == "residual":
+            nbits = codec.nbits
+            per = 8 // nbits
+            v = np.arange(256)[:, None] >> (np.arange(per)[None, :] * nbits) & ((1 << nbits) - 1)
+            cache["packed"] = np.asarray(self._parts["residuals"])
+            cache["lut"] = np.ascontiguousarray(codec.bucket_values_[v], dtype=np.float32)
+            cache["per"] = per
+        self._prepare_probe(cache)
+        self._cache = cache
+        return cache
+
+    def _prepare_probe(self, cache: dict[str, Any]) -> None:
+        """Subclass hook: probe structures (sign bits, graphs) into ``cache``."""
+
+    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Probed centroid ids (int64, any order, repeats allowed) of one query.
+
+        ``table`` float32 ``(K, n_q)`` centroid similarities; ``q`` float32 ``(n_q, dim)``.
+        """
+        raise NotImplementedError
+
+    def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # the matrix products of a query are small: a BLAS thread team only adds latency
+        with _blas_single_thread():
+            return self._search_staged(queries, k)
+
+    def _search_staged(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        cache = self._prepare()
+        q_all = np.ascontiguousarray(self.chain.transform(queries.embeddings), dtype=np.float32)
+        q_off = queries.offsets
+        # the score table of every query token, one matrix product for the batch
+        t_all = cache["centroids"] @ q_all.T  # (K, n_qtok)
+        n_q = len(queries)
+        n_docs = self.n_positions
+        scores = np.full((n_q, k), -np.inf, np.float32)
+        ids = np.full((n_q, k), -1, np.int64)
+        alive = np.ascontiguousarray(self.alive, dtype=np.uint8)
+        mark = np.zeros(n_docs, np.int32)
+        buf = np.empty(max(n_docs, 1), np.int32)
+        for i in range(n_q):
+            a, b = int(q_off[i]), int(q_off[i + 1])
+            if b == a:  # an empty query scores 0 against every (live, non-empty) document
+                live = cache["nonempty"][alive[cache["nonempty"]] != 0][:k]
+                scores[i, : live.size], ids[i, : live.size] = 0.0, live
+                continue
+            s, d = self._search_one(cache, t_all[:, a:b], q_all[a:b], k, alive, mark, i + 1, buf)
+            scores[i, : s.size], ids[i, : d.size] = s, d
+        return scores, ids
+
+    def _search_one(self, cache, table, q, k, alive, mark, stamp, buf):
+        """Stages 2-4 for one query; returns (scores, positions) best first (<= k)."""
+        # 2. candidates
+        probe = np.ascontiguousarray(self._probe(cache, table, q), dtype=np.int64)
+        n = _ivf_k.gather_kernel(probe, cache["list_off"], cache["list_docs"], alive, mark, stamp, buf)
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        cand = np.sort(buf[:n]).astype(np.int64)
+        # 3. approximate scoring on codes
+        n_keep = max(self.n_candidates, self.n_rerank, k)
+        n_final = max(self.n_rerank, k)
+        if cand.size > n_final:
+            keep = None
+            if self.t_cs is not None:
+                keep = (table.max(axis=1) >= self.t_cs).astype(np.uint8)
+            cand = _select(cand, self._interaction(cache, table, cand, keep), n_keep)
+            if cand.size > n_final:  # full interaction, float32 table, on the survivors
+                cand = _select(cand, self._interaction_f32(cache, table, cand), n_final)
+        # 4. rerank
+        final = self._rerank(cache, table, q, cand)
+        order = np.lexsort((cand, -final))[:k]
+        out_s, out_i = final[order], cand[order]
+        ok = np.isfinite(out_s) & (out_s > -3.0e38)
+        return out_s[ok], out_i[ok]
+
+    def _interaction(self, cache, table, cand, keep) -> np.ndarray:
+        """Centroid interaction of candidates with a uint8 table (pruned rows when ``keep``)."""
+        t = table if keep is None else table[keep.astype(bool)]
+        lo = float(t.min()) if t.size else 0.0
+        hi = float(t.max()) if t.size else 0.0
+        if keep is not None:
+            lo = min(lo, float(table.min()))  # pruned rows sit at the bottom (0)
+        scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        n_q = table.shape[1]
+        w = max(_LANES_U8, -(-n_q // _LANES_U8) * _LANES_U8)
+        t8 = np.zeros((table.shape[0], w), np.uint8)
+        use_keep = keep is not None
+        _ivf_k.quantize_table_kernel(
+            table, np.float32(lo), np.float32(1.0 / scale),
+            keep if use_keep else np.zeros(1, np.uint8), use_keep, t8,
+        )  # fmt: skip
+        out = np.empty(cand.size, np.float32)
+        with _numba_threads(self._work(cache, cand, n_q)):
+            _codes_k.code_u8_scores_kernel(
+                t8.reshape(-1), w, float(scale), float(n_q * lo), cache["codes"], cache["off"],
+                cand, True, out,
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def _work(cache, cand, n_q: int, dim: int = 1) -> float:
+        """Rough operation count of scoring ``cand`` (decides serial vs parallel)."""
+        return float(cand.size) * cache["mean_len"] * n_q * dim
+
+    def _interaction_f32(self, cache, table, cand) -> np.ndarray:
+        """Full centroid interaction of candidates with the float32 table."""
+        from retrieval_prune.index.ops import _pad_lanes
+        from retrieval_prune.kernels.maxsim import LANES
+
+        tp = _pad_lanes(np.ascontiguousarray(table, dtype=np.float32), LANES)
+        out = np.empty(cand.size, np.float32)
+        with _numba_threads(self._work(cache, cand, table.shape[1])):
+            _codes_k.code_f32_scores_kernel(
+                tp.reshape(-1), tp.shape[1], cache["codes"], cache["off"], cand, True, out
+            )
+        return out
+
+    def _rerank(self, cache, table, q, cand) -> np.ndarray:
+        """Final scores of ``cand``: exact MaxSim on decompressed residuals, or the float
+        code table when the storage keeps centroid ids only."""
+        from retrieval_prune.index.ops import _pack, _pad_lanes
+        from retrieval_prune.kernels.maxsim import LANES
+
+        out = np.empty(cand.size, np.float32)
+        if cand.size == 0:
+            return out
+        codec = self.storage_codec
+        if codec.score_kind == "residual":
+            qp, qv_off, q_len = _pack(q, np.array([0, q.shape[0]], np.int64))
+            with _numba_threads(self._work(cache, cand, q.shape[0], q.shape[1])):
+                _codes_k.residual_rerank_kernel(
+                    qp, int(qv_off[1]), int(q_len[0]), cache["codes"], cache["packed"],
+                    cache["centroids"], cache["lut"], cache["per"], bool(codec.normalize),
+                    cache["off"], cand, cache["max_len"], out,
+                )  # fmt: skip
+        else:
+            t = table if codec.score == "table" else codec.query_table(q)
+            tp = _pad_lanes(np.ascontiguousarray(t, dtype=np.float32), LANES)
+            with _numba_threads(self._work(cache, cand, q.shape[0])):
+                _codes_k.code_f32_scores_kernel(
+                    tp.reshape(-1), tp.shape[1], cache["codes"], cache["off"], cand, True, out
+                )
+        return out
+
+    def search_bruteforce(self, queries: MultiVectors, k: int = 10):
+        """Every live document scored exactly from its codes (no candidate stages): the
+        reference the staged search is measured against."""
+        from retrieval_prune.types import SearchResult, check_k
+
+        k = check_k(k)
+        self._check_queries(queries)
+        if self.n_positions == 0 or len(queries) == 0:
+            shape = (len(queries), k)
+            return SearchResult(np.full(shape, -np.inf, np.float32), np.full(shape, -1, np.int64), self.doc_ids)
+        s, i = CompressedIndex._search(self, queries, k)
+        return SearchResult(s, i, self.doc_ids)
+
+    def _check_queries(self, queries: MultiVectors) -> None:
+        if not isinstance(queries, MultiVectors):
+            raise TypeError(f"queries must be MultiVectors, got {type(queries).__name__}")
+        if self.dim is not None and queries.dim != self.dim:
+            raise ValueError(
+                f"queries have dim={queries.dim} but the index holds dim={self.dim} vectors; "
+                "encode queries with the index's encoder settings"
+            )
+        queries.validate_finite("queries")
+
+    # -- persistence --------------------------------------------------------------------
+    def _native_files(self, folder: Path) -> dict[str, Path]:
+        """Subclass hook: write native files (hnswlib graphs) into ``folder``."""
+        return {}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index as a new crash-safe generation (native files checksummed too)."""
+        scratch = storage.scratch_dir(path)
+        try:
+            files = self._native_files(scratch)
+            arrays, meta = self._payload()
+            return storage.write_generation(path, arrays, meta, files=files)
+        finally:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _payload(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        import json
+
+        arrays = dict(self._state_arrays())
+        blob, offs = encode_strings(self.doc_ids)
+        arrays.update({"doc_ids_blob": blob, "doc_ids_offsets": offs, "alive": np.asarray(self.alive)})
+        if self.texts is not None:
+            tb, to = encode_strings(self.texts)
+            arrays.update({"texts_blob": tb, "texts_offsets": to})
+        meta = self._meta()
+        json.dumps(meta)
+        return arrays, meta
+
+
+#: operations (candidate tokens x query tokens x dims) below which a stage runs on one
+#: thread: a thread team's start-up (and, on a shared machine, waiting for the second
+#: core) costs more than it saves on small work
+PARALLEL_MIN_WORK = 5e7
+
+_CONTROLLER: list[Any] = []
+
+
+class _numba_threads:
+    """Run the enclosed Numba kernels on one thread when ``work`` is small."""
+
+    def __init__(self, work: float) -> None:
+        self.serial = work < PARALLEL_MIN_WORK
+
+    def __enter__(self):
+        if self.serial:
+            import numba
+
+            self.before = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.serial:
+            import numba
+
+            numba.set_num_threads(self.before)
+
+
+def _blas_single_thread():
+    """Context limiting BLAS to one thread (threadpoolctl; ~20 us to enter and leave)."""
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+
+
+def _stage_of(step: str) -> str | None:
+    name = step.strip().partition(":")[0].strip()
+    try:
+        return registry.get(name).stage
+    except ValueError:
+        return None
+
+
+def _select(cand: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` best candidates by score (ties: lower position), returned in id order."""
+    if cand.size <= n:
+        return cand
+    part = np.argpartition(-scores, n - 1)[:n]
+    v = scores[part].min()
+    gt = np.flatnonzero(scores > v)
+    eq = np.flatnonzero(scores == v)[: n - gt.size]
+    return cand[np.sort(np.concatenate([gt, eq]))]
+
+
+# -- bounded-memory build ----------------------------------------------------------------------
+def build_streaming(
+    index: StagedIndex,
+    path: str | Path,
+    batches: Iterable[tuple[MultiVectors, Sequence[str]]],
+    *,
+    encoder_settings: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> Path:
+    """Encode and write documents batch by batch into a new generation of ``path``.
+
+    ``index`` must be fitted (``index.fit(sample)``) and empty; each batch's codes, offsets
+    and ids go straight to ``.npy`` files (:class:`~retrieval_prune.index.storage.NpyAppender`),
+    so memory is bounded by one batch whatever the corpus size. The generation is committed
+    like any other (checksums, fsync, atomic pointer swap); a crash leaves the previous one.
+
+    Returns the new generation folder. Batches are ``(MultiVectors, ids)`` already through
+    the pipeline's token steps.
+    """
+    if not index.chain.is_fitted:
+        raise ValueError("fit the index on a sample first: index.fit(sample_docs)")
+    if index.n_positions:
+        raise ValueError("build_streaming writes a fresh index; this one already holds documents")
+    scratch = storage.scratch_dir(path)
+    try:
+        layout = index.storage_codec.part_layout()
+        apps = {
+            name: storage.NpyAppender(scratch / f"codes.{name}.npy", dtype, tail)
+            for name, dtype, tail in layout
+        }
+        offs = storage.NpyAppender(scratch / "offsets.npy", np.int64)
+        blob = storage.NpyAppender(scratch / "doc_ids_blob.npy", np.uint8)
+        blob_off = storage.NpyAppender(scratch / "doc_ids_offsets.npy", np.int64)
+        alive = storage.NpyAppender(scratch / "alive.npy", np.uint8)
+        offs.append(np.zeros(1, np.int64))
+        blob_off.append(np.zeros(1, np.int64))
+        seen: set[str] = set()
+        n_tok = n_docs = n_bytes = 0
+        t0 = time.perf_counter()
+        dim = index.chain.dim_in
+        for docs, ids in batches:
+            ids = [str(i) for i in ids]
+            if len(ids) != len(docs):
+                raise ValueError(f"{len(ids)} ids for {len(docs)} documents in a batch")
+            if docs.dim != dim:
+                raise ValueError(
+                    f"documents have dim={docs.dim} but the index was fitted on dim={dim}"
+                )
+            docs.validate_finite("documents")
+            for i in ids:
+                if i in seen:
+                    raise ValueError(f"duplicate id {i!r}; ids must be unique")
+                seen.add(i)
+            if docs.n_tokens:
+                parts = index.chain.encode_parts(docs.embeddings)
+                for name, arr in parts.items():
+                    apps[name].append(arr)
+            offs.append(docs.offsets[1:] + n_tok)
+            b, bo = encode_strings(ids)
+            blob.append(b)
+            blob_off.append(bo[1:] + n_bytes)
+            alive.append(np.ones(len(ids), np.uint8))
+            n_tok += docs.n_tokens
+            n_docs += len(ids)
+            n_bytes += int(b.size)
+            if progress is not None:
+                progress(n_docs, n_tok)
+        if n_docs == 0:
+            raise ValueError("the corpus is empty; an index needs at least one document")
+        npy = {p.path.name[: -len(".npy")]: p.close() for p in [*apps.values(), offs, blob, blob_off, alive]}
+        info = index.info.setdefault("codec", {})
+        info["encode_seconds"] = round(time.perf_counter() - t0, 3)
+        info["streamed"] = True
+        index.dim = dim if index.dim is None else index.dim
+        index.encoder_settings = encoder_settings or index.encoder_settings
+        meta = index._meta()
+        meta["n_positions"] = n_docs
+        meta["n_docs"] = n_docs
+        files = index._native_files(scratch)
+        return storage.write_generation(
+            path, index.chain.state_arrays(), meta, files=files, npy_files=npy
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Inverted-file kernels of staged search: list building, candidate gathering, selection.
+
+Inverted file
+-------------
+Over centroid ids ``codes (n_tokens,)`` (uint8/uint16) and document offsets ``d_off``,
+list ``c`` holds, in increasing order and without repeats, the documents that own at
+least one token coded ``c``: ``docs[list_off[c]:list_off[c+1]]`` (int32). Two passes over
+the codes (count, fill) with a per-centroid "last document seen" marker: O(n_tokens),
+no sort, memory ``O(K)`` besides the output.
+
+Candidates
+----------
+The union of the lists of a query's probed centroids, deleted documents skipped. A
+per-search ``mark (n_docs,)`` array with a stamp per query avoids clearing between
+queries; the wrapper sorts the gathered ids (deterministic order, ties go to the lower
+position in every later stage).
+
+Probes run serially: a query has a few dozen tokens, too little work for a thread team
+(which on a shared machine costs more than it saves).
+
+Hamming probe
+-------------
+Top-``n`` nearest centroids of every query token by Hamming distance between sign bits
+(``uint64`` words), the popcount through LLVM ``ctpop`` (:func:`.popcount.popcount`).
+"""
+
+import numpy as np
+from numba import njit
+
+from ._config import NJIT
+from .popcount import popcount
+
+
+@njit(**NJIT)
+def build_ivf_kernel(codes, d_off, n_centroids):
+    """``(list_off int64 (K + 1,), docs int32 (n_pairs,))`` of the inverted file."""
+    n_docs = d_off.shape[0] - 1
+    last = np.full(n_centroids, -1, np.int64)
+    list_off = np.zeros(n_centroids + 1, np.int64)
+    for d in range(n_docs):
+        for j in range(d_off[d], d_off[d + 1]):
+            c = np.int64(codes[j])
+            if last[c] != d:
+                last[c] = d
+                list_off[c + 1] += 1
+    for c in range(n_centroids):
+        list_off[c + 1] += list_off[c]
+    docs = np.empty(list_off[n_centroids], np.int32)
+    pos = list_off[:n_centroids].copy()
+    last[:] = -1
+    for d in range(n_docs):
+        for j in range(d_off[d], d_off[d + 1]):
+            c = np.int64(codes[j])
+            if last[c] != d:
+                last[c] = d
+                docs[pos[c]] = d
+                pos[c] += 1
+    return list_off, docs
+
+
+@njit(**NJIT)
+def gather_kernel(probe, list_off, docs, alive, mark, stamp, out):
+    """Append to ``out`` every live document of the lists ``probe`` not yet marked with
+    ``stamp``; returns how many were written (``out`` holds at least n_docs entries)."""
+    n = 0
+    for p in range(probe.shape[0]):
+        c = probe[p]
+        for t in range(list_off[c], list_off[c + 1]):
+            d = docs[t]
+            if mark[d] != stamp and alive[d] != 0:
+                mark[d] = stamp
+                out[n] = d
+                n += 1
+    return n
+
+
+@njit(**NJIT)
+def hamming_probe_kernel(q_words, c_words, n_probe, out):
+    """For every query token ``i`` (rows of ``q_words (n_q, n_words)``) the ``n_probe``
+    centroids with the fewest differing sign bits (rows of ``c_words (K, n_words)``),
+    nearest first, ties to the lower id: ``out (n_q, n_probe)`` int64."""
+    n_q = q_words.shape[0]
+    k = c_words.shape[0]
+    nw = c_words.shape[1]
+    for i in range(n_q):
+        best_d = np.full(n_probe, np.int64(1) << 40, np.int64)
+        best_c = np.full(n_probe, -1, np.int64)
+        worst = best_d[n_probe - 1]
+        for c in range(k):
+            dist = np.int64(0)
+            for w in range(nw):
+                dist += popcount(q_words[i, w] ^ c_words[c, w])
+            if dist < worst:
+                p = n_probe - 1
+                while p > 0 and best_d[p - 1] > dist:
+                    best_d[p] = best_d[p - 1]
+                    best_c[p] = best_c[p - 1]
+                    p -= 1
+                best_d[p] = dist
+                best_c[p] = c
+                worst = best_d[n_probe - 1]
+        for p in range(n_probe):
+            out[i, p] = best_c[p]
+
+
+@njit(**NJIT)
+def topn_cols_kernel(t, n, out):
+    """Row ids of the ``n`` largest entries of every column of ``t (K, n_q)`` float32
+    (a query's centroid scores), largest first, ties to the lower id: ``out (n_q, n)``."""
+    k = t.shape[0]
+    n_q = t.shape[1]
+    for i in range(n_q):
+        best_s = np.full(n, -np.inf, np.float32)
+        best_c = np.full(n, -1, np.int64)
+        for c in range(k):
+            s = t[c, i]
+            if best_c[n - 1] < 0 or s > best_s[n - 1]:
+                p = n - 1
+                while p > 0 and (best_c[p - 1] < 0 or best_s[p - 1] < s):
+                    best_s[p] = best_s[p - 1]
+                    best_c[p] = best_c[p - 1]
+                    p -= 1
+                best_s[p] = s
+                best_c[p] = c
+        for p in range(n):
+            out[i, p] = best_c[p]
+
+
+@njit(**NJIT)
+def quantize_table_kernel(t, lo, inv_scale, keep, use_keep, out):
+    """uint8 code table of one query, lane-padded.
+
+    ``t (K, n_q)`` float32 similarities of the centroids with the query tokens;
+    ``out (K, W)`` uint8 zero-initialised (``W >= n_q``) receives
+    ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0`` (pruned, when
+    ``use_keep``) keeps 0 in every lane, the lowest value.
+    """
+    k = t.shape[0]
+    n_q = t.shape[1]
+    for c in range(k):
+        if use_keep and keep[c] == 0:
+            continue
+        for i in range(n_q):
+            v = (t[c, i] - lo) * inv_scale + np.float32(0.5)
+            if v < 0:
+                v = 0
+            elif v > 255:
+                v = 255
+            out[c, i] = np.uint8(v)

@@ -1,0 +1,185 @@
+"""Staged search (ivf / hnsw index types): kernels against NumPy, exhaustive staged search
+against brute force over the same codes, budgets, specs, persistence."""
+
+import numpy as np
+import pytest
+
+from retrieval_prune import registry
+from retrieval_prune.index.base import load_index
+from retrieval_prune.index.hnsw import HNSWIndex
+from retrieval_prune.index.ivf import IVFIndex, sign_words
+from retrieval_prune.index.pipeline import ALIASES, make_pipeline
+from retrieval_prune.index.staged import _select
+from retrieval_prune.kernels import ivf as K
+from retrieval_prune.types import MultiVectors
+from tests.conftest import random_docs
+
+ALL = "n_candidates=100000,n_rerank=100000"
+EXHAUSTIVE = [
+    f"residual:k=32,nbits=2 | ivf:nprobe=32,{ALL}",
+    f"residual:k=32,nbits=2 | ivf:nprobe=32,{ALL},probe=hamming,t_cs=0.2",
+    f"residual:k=32,nbits=4 | hnsw:nprobe=32,{ALL},ef=40",
+    f"pca:dim=8 | residual:k=32,nbits=1 | ivf:nprobe=32,{ALL}",
+    f"kmeans:k=32 | ivf:nprobe=32,{ALL}",
+]
+
+
+def clustered_docs(n_docs=400, dim=16, seed=0, n_topics=24, empty=(7,), topic_seed=1000):
+    """Synthetic documents drawn around shared topic centres (labelled synthetic)."""
+    centres = np.random.default_rng(topic_seed).standard_normal((n_topics, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        n = 0 if i in empty else int(rng.integers(1, 30))
+        t = rng.integers(0, n_topics, 3)[rng.integers(0, 3, n)]
+        x = centres[t] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+        docs.append((x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)).astype(np.float32))
+    return MultiVectors.from_list(docs, dim=dim)
+
+
+@pytest.fixture(scope="module")
+def data():
+    docs = clustered_docs()
+    queries = clustered_docs(25, seed=9, empty=())
+    return docs, [f"d{i}" for i in range(len(docs))], queries
+
+
+# -- kernels against NumPy ------------------------------------------------------------------------
+def test_build_ivf_matches_numpy():
+    rng = np.random.default_rng(0)
+    off = np.concatenate([[0], np.cumsum(rng.integers(0, 9, 60))]).astype(np.int64)
+    codes = rng.integers(0, 20, off[-1]).astype(np.uint16)
+    list_off, docs = K.build_ivf_kernel(codes, off, 20)
+    doc_of = np.repeat(np.arange(60), np.diff(off))
+    for c in range(20):
+        want = np.unique(doc_of[codes == c])
+        np.testing.assert_array_equal(docs[list_off[c] : list_off[c + 1]], want)
+
+
+def test_topn_and_hamming_probe_match_numpy():
+    rng = np.random.default_rng(1)
+    t = rng.standard_normal((50, 7)).astype(np.float32)
+    t[3, 2] = t[4, 2]  # a tie: lower id first
+    out = np.empty((7, 5), np.int64)
+    K.topn_cols_kernel(t, 5, out)
+    for i in range(7):
+        want = np.lexsort((np.arange(50), -t[:, i]))[:5]
+        np.testing.assert_array_equal(out[i], want)
+    c = rng.standard_normal((40, 70)).astype(np.float32)
+    q = rng.standard_normal((6, 70)).astype(np.float32)
+    got = np.empty((6, 4), np.int64)
+    K.hamming_probe_kernel(sign_words(q), sign_words(c), 4, got)
+    dist = ((q[:, None, :] > 0) != (c[None, :, :] > 0)).sum(axis=2)
+    for i in range(6):
+        np.testing.assert_array_equal(got[i], np.lexsort((np.arange(40), dist[i]))[:4])
+
+
+def test_gather_skips_dead_and_repeats():
+    list_off = np.array([0, 3, 5, 6], np.int64)
+    docs = np.array([0, 2, 4, 2, 3, 1], np.int32)
+    alive = np.array([1, 1, 1, 1, 0], np.uint8)
+    mark = np.zeros(5, np.int32)
+    out = np.empty(5, np.int32)
+    n = K.gather_kernel(np.array([0, 1, 0], np.int64), list_off, docs, alive, mark, 1, out)
+    assert sorted(out[:n].tolist()) == [0, 2, 3]
+    n = K.gather_kernel(np.array([2], np.int64), list_off, docs, alive, mark, 2, out)
+    assert out[:n].tolist() == [1]
+
+
+def test_select_breaks_ties_by_position():
+    cand = np.array([3, 5, 8, 9, 12])
+    s = np.array([1.0, 2.0, 2.0, 2.0, 0.5], np.float32)
+    assert _select(cand, s, 2).tolist() == [5, 8]
+    assert _select(cand, s, 9).tolist() == cand.tolist()
+
+
+# -- staged search == brute force at exhaustive budgets ---------------------------------------------
+@pytest.mark.parametrize("spec", EXHAUSTIVE)
+def test_exhaustive_staged_search_equals_bruteforce(data, spec):
+    docs, ids, queries = data
+    index = make_pipeline(spec).build(docs, ids)
+    for q in (queries, queries[0:1]):
+        got, ref = index.search(q, k=10), index.search_bruteforce(q, k=10)
+        np.testing.assert_array_equal(got.ids, ref.ids)
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    empty_doc = 7
+    assert empty_doc not in index.search(queries, k=len(docs)).ids
+
+
+def test_empty_query_and_k_beyond_the_corpus(data):
+    docs, ids, _ = data
+    index = make_pipeline(EXHAUSTIVE[0]).build(docs[:12], ids[:12])
+    q = MultiVectors.from_list([np.zeros((0, 16), np.float32), docs.doc(1)])
+    res = index.search(q, k=20)
+    assert res.ids.shape == (2, 20)
+    assert (res.scores[0][res.ids[0] >= 0] == 0).all()  # an empty query scores 0
+    assert 7 not in res.ids[0] and 7 not in res.ids[1]  # the empty document never matches
+    assert (res.ids[1] >= 0).sum() == 11 and res.ids[1, 0] == 1
+
+
+def test_small_budgets_keep_recall_on_clustered_data(data):
+    docs, ids, queries = data
+    index = make_pipeline("residual:k=64,nbits=2 | ivf:nprobe=4,n_candidates=64,n_rerank=24").build(docs, ids)
+    got, ref = index.search(queries, k=10), index.search_bruteforce(queries, k=10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.ids, ref.ids, strict=False)])
+    assert recall >= 0.9
+    index.configure(nprobe=1, n_candidates=12, n_rerank=10)
+    small = index.search(queries, k=10)
+    assert (small.ids >= 0).all()  # budgets below k are raised to k
+
+
+# -- specs and persistence ------------------------------------------------------------------------
+def test_spec_round_trip_and_defaults():
+    for name, cls in (("ivf", IVFIndex), ("hnsw", HNSWIndex)):
+        index = make_pipeline(f"pca:dim=8 | residual:nbits=1 | {name}:nprobe=3").index
+        assert isinstance(index, cls) and index.nprobe == 3
+        again = cls.from_spec(index.spec)
+        assert again == index and again.spec == index.spec
+        assert make_pipeline(index.spec).index == index
+        assert registry.get(name) is cls
+    assert make_pipeline("ivf").index.chain.spec.startswith("residual:")
+    assert "default" in ALIASES and make_pipeline("default").spec.endswith(
+        make_pipeline(ALIASES["default"]).index.spec
+    )
+
+
+def test_bad_specs_and_params():
+    with pytest.raises(ValueError, match="centroid codes"):
+        make_pipeline("fp16 | ivf")
+    with pytest.raises(ValueError, match="nprobe"):
+        make_pipeline("residual | ivf:nprobe=0")
+    with pytest.raises(ValueError, match="probe"):
+        make_pipeline("residual | ivf:probe=graph")
+    index = make_pipeline("residual | ivf").index
+    with pytest.raises(ValueError, match="unknown"):
+        index.configure(nprob=3)
+
+
+@pytest.mark.parametrize("spec", [EXHAUSTIVE[0], EXHAUSTIVE[2], "residual:k=32,nbits=2 | ivf:nprobe=2,n_candidates=30,n_rerank=12"])
+def test_save_load_gives_identical_results(data, tmp_path, spec):
+    docs, ids, queries = data
+    index = make_pipeline(spec).build(docs, ids)
+    index.delete(["d3", "d11"])
+    before = index.search(queries, k=10)
+    index.save(tmp_path / "ix")
+    loaded = load_index(tmp_path / "ix")
+    assert type(loaded) is type(index) and loaded.spec == index.spec
+    assert isinstance(np.asarray(loaded._parts["codes"]).base, np.memmap) or hasattr(loaded._parts["codes"], "filename")
+    after = loaded.search(queries, k=10)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.scores, after.scores)
+
+
+def test_same_seed_same_index(data):
+    docs, ids, queries = data
+    a = make_pipeline("residual:k=32,nbits=2 | hnsw:nprobe=3").build(docs, ids).search(queries, k=10)
+    b = make_pipeline("residual:k=32,nbits=2 | hnsw:nprobe=3").build(docs, ids).search(queries, k=10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_query_dim_mismatch_is_refused(data):
+    docs, ids, _ = data
+    index = make_pipeline(EXHAUSTIVE[0]).build(docs, ids)
+    with pytest.raises(ValueError, match="dim"):
+        index.search(random_docs(2, dim=8), k=3)
