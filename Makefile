@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DATA ?= scifact
-DEMO_PIPELINES ?= --pipeline exact
+DEMO_PIPELINES ?= --pipeline default
 
 .PHONY: demo test test-slow bench lint env clean-cache
 

@@ -76,8 +76,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     table = format_table(rows)
     print(table)
-    print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; exact = uncompressed MaxSim "
-          f"of the same encoder ({rows[0]['encoder'] if rows else ''}).")
+    print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; Δ exact = against uncompressed "
+          f"MaxSim of the same encoder ({rows[0]['encoder'] if rows else ''}):")
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        r0 = next(r for r in rows if r["dataset"] == ds)
+        enc_ms = r0.get("query_encode_ms")
+        print(f"  {ds}: exact nDCG@10 {r0['exact_ndcg@10']:.4f}"
+              + (f", query encoding p50 {enc_ms:.1f} ms (not in p50/p95)" if enc_ms else ""))
     if args.json:
         _write_json(args.json, rows)
     if args.markdown:
