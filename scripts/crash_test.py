@@ -199,21 +199,23 @@ def crash_phase(args, workdir: Path, corpus: Path) -> dict:
     counts = {"iterations": 0, "violations": 0, "old": 0, "new": 0, "finished_before_kill": 0,
               "kills_in_save_window": 0, "by_op": {}, "leftover_temp": 0}
     events = []
-    durations: dict[str, tuple[float, float]] = {}
+    durations: dict[tuple, tuple[float, float, int]] = {}
     roots = {kind: workdir / f"index-{kind}" for kind in SPECS}
     for kind, root in roots.items():  # initial generations
         apply_op({"op": "build", "spec": SPECS[kind], "docs": base}, docs).save(root)
 
-    def calibrate(op: str, job: dict) -> tuple[float, float]:
-        """(operation seconds, second at which its save starts), from one unkilled run."""
-        if op not in durations:
+    def calibrate(key: tuple, job: dict, it: int) -> tuple[float, float]:
+        """(operation seconds, second at which its save starts), from an unkilled run of
+        the same job on a copy (redone every 25 iterations: the machine's load drifts)."""
+        if key not in durations or it - durations[key][2] >= 25:
             scratch = workdir / "calib"
             shutil.rmtree(scratch, ignore_errors=True)
-            if op not in ("build_fresh",):
+            if key[1] not in ("build_fresh",):
                 shutil.copytree(job["index"], scratch)
-            _, durations[op] = run_child({**job, "index": str(scratch)}, workdir, None)
+            _, (t_op, t_save) = run_child({**job, "index": str(scratch)}, workdir, None)
+            durations[key] = (t_op, t_save, it)
             shutil.rmtree(scratch, ignore_errors=True)
-        return durations[op]
+        return durations[key][:2]
 
     for it in range(args.iterations):
         kind = "ivf" if it % 2 == 0 else "hnsw"
@@ -225,10 +227,14 @@ def crash_phase(args, workdir: Path, corpus: Path) -> dict:
         op = rng.choice(OPS)
         if op == "add" and not unused:
             op = "delete"
-        if op == "compact" and old_index.n_positions == len(old_index):
-            op = "delete" if len(live) > 50 else "add"
         if op == "delete" and len(live) <= 50:
             op = "add"
+        if op == "compact" and old_index.n_positions == len(old_index):
+            # give the compaction something to drop: tombstones written without a crash
+            old_index.delete(rng.sample(live, min(len(live) - 10, rng.randint(5, 40))))
+            old_index.save(root)
+            old_index = load_index(root)
+            live = [old_index.doc_ids[i] for i in np.flatnonzero(np.asarray(old_index.alive))]
         job = {"op": op, "spec": SPECS[kind], "corpus": str(corpus), "index": str(root)}
         if op in ("build", "build_fresh"):
             job["docs"] = sorted(rng.sample(range(n), int(n * rng.uniform(0.4, 0.8))))
@@ -244,7 +250,7 @@ def crash_phase(args, workdir: Path, corpus: Path) -> dict:
             old = snapshot(old_index, queries)
         expected_new = snapshot(apply_op(job, docs, old_index if op not in ("build", "build_fresh")
                                          else None), queries)
-        t_op, t_save = calibrate(op, job)
+        t_op, t_save = calibrate((kind, op), job, it)
         # half the kills anywhere in the operation, half inside its save (the writes, fsyncs
         # and the pointer swap), where a crash can tear files
         if rng.random() < args.save_bias:

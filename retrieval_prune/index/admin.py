@@ -171,8 +171,17 @@ def cmd_add(args: argparse.Namespace) -> int:
            f"{report['documents']} live documents")
     d = report["drift"]
     if d and d.get("ratio") is not None and not args.json:
-        print(f"codebook drift ratio {d['ratio']:.3f}"
-              + (" -> rebuild recommended" if d.get("rebuild_recommended") else " (ok)"))
+        from retrieval_prune.index.staged import DRIFT_MIN_TOKENS, DRIFT_WARN
+
+        if d.get("rebuild_recommended"):
+            verdict = " -> rebuild recommended"
+        elif d["ratio"] > DRIFT_WARN:
+            verdict = (f" (above {DRIFT_WARN}, but only {d['added_tokens']} vectors added; judged "
+                       f"from {DRIFT_MIN_TOKENS})")
+        else:
+            verdict = " (ok)"
+        print(f"codebook drift: added vectors quantize {d['ratio']:.3f}x as badly as the fit "
+              f"data{verdict}")
     return 0
 
 

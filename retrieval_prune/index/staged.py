@@ -66,7 +66,7 @@ DRIFT_MIN_TOKENS = 256
 _LANES_U8 = _codes_k.LANES_U8
 
 STAGE_PARAMS: dict[str, Param] = {
-    "nprobe": Param(2, int, "centroids probed per query token", low=1, high=65536),
+    "nprobe": Param(4, int, "centroids probed per query token", low=1, high=65536),
     "t_cs": Param(
         None, float, "centroid score threshold of the pruned interaction (PLAID); unset: off"
     ),
@@ -134,7 +134,8 @@ class StagedIndex(CompressedIndex):
     __hash__ = MultiVectorIndex.__hash__
 
     def configure(self, **params: Any) -> StagedIndex:
-        """Change search budgets (validated like the spec); returns self.
+        """Change search budgets (validated like the spec); parameters not named keep their
+        current values. Returns self.
 
         >>> index.configure(nprobe=8, n_rerank=512)  # doctest: +SKIP
         """
