@@ -59,6 +59,15 @@ def test_pareto_front_and_plot(tmp_path):
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_label_offsets_separate_close_points():
+    from retrieval_prune.evaluation.plot import _label_offsets
+
+    # two points at the same place get labels a text line apart; a far one keeps its offset
+    off = _label_offsets([(1e4, 0.50), (1e4, 0.50), (1e2, 0.50)], height_pt=250)
+    assert off[0] != off[1] and abs(off[0] - off[1]) >= 8
+    assert off[2] == 4.0
+
+
 def test_cli_eval_adi_real_encoder(tmp_path, data_dir, capsys):
     out = tmp_path / "rows.json"
     rc = main(["eval", "--data", str(data_dir / "adi"), "--pipeline", "exact", "-q",

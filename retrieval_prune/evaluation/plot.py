@@ -26,6 +26,36 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _label_offsets(pts: Sequence[tuple[float, float]], *, height_pt: float,
+                   line_pt: float = 8.0, width: float = 0.22) -> list[float]:
+    """Vertical label offsets (points) so that labels of nearby points do not overlap.
+
+    Positions are normalised to the panel (log bytes, quality); going down in quality,
+    a label that would land within one text line of a label already placed less than
+    ``width`` of the panel to its side is pushed down a line at a time.
+    """
+    import math
+
+    if not pts:
+        return []
+    lx = [math.log10(max(x, 1e-9)) for x, _ in pts]
+    ys = [y for _, y in pts]
+    xr = (max(lx) - min(lx)) or 1.0
+    yr = (max(ys) - min(ys)) or 1.0
+    pt_per_y = height_pt / yr
+    placed: list[tuple[float, float]] = []  # (normalised x, label baseline in points)
+    out = [4.0] * len(pts)
+    for i in sorted(range(len(pts)), key=lambda j: -ys[j]):
+        nx = (lx[i] - min(lx)) / xr
+        base = ys[i] * pt_per_y
+        off = 4.0
+        while any(abs(nx - px) < width and abs(base + off - pb) < line_pt for px, pb in placed):
+            off -= line_pt
+        placed.append((nx, base + off))
+        out[i] = off
+    return out
+
+
 def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
                   metric: str = "ndcg@10", title: str | None = None) -> Path:
     """Write a PNG with one panel per dataset: each pipeline a point, the front joined.
@@ -49,6 +79,7 @@ def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
         sub = [r for r in rows if r["dataset"] == ds]
         pts = [(float(r["bytes_per_doc"]), float(r[metric])) for r in sub]
         front = set(pareto_front(pts))
+        offsets = _label_offsets(pts, height_pt=4.6 * 72 * 0.75)
         for i, (r, (x, y)) in enumerate(zip(sub, pts, strict=False)):
             engine = r.get("engine", "retrieval_prune")
             is_exact = r.get("pipeline") in ("exact", "flat")
@@ -59,7 +90,7 @@ def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
             label = r.get("label") or r.get("pipeline", "")
             if engine == "plaid":
                 label = f"PLAID nbits={r.get('nbits', '?')}"
-            ax.annotate(label[:34], (x, y), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(label[:34], (x, y), textcoords="offset points", xytext=(4, offsets[i]),
                         fontsize=7, color=color)
         fx = sorted((pts[i] for i in front), key=lambda p: p[0])
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "-", color="tab:blue", alpha=0.6,
@@ -69,6 +100,7 @@ def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
             ax.axhline(float(exact), ls="--", color="black", lw=0.8,
                        label=f"exact MaxSim {float(exact):.3f}")
         ax.set_xscale("log")
+        ax.margins(x=0.18, y=0.08)  # room for the labels of the rightmost points
         ax.set_xlabel("index bytes per document (log scale)")
         ax.set_ylabel(metric)
         ax.set_title(ds)
