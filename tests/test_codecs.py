@@ -256,6 +256,17 @@ def test_default_k_follows_colbert_formula(tokens):
     assert c.encode(tokens[:5]).dtype == np.uint8
 
 
+def test_k_scale_multiplies_the_default_codebook(tokens):
+    # after pool:factor=2 the formula would halve-ish K; k_scale=2 restores the unpooled size
+    c = ResidualCodec(niter=2, k_scale=2).fit(tokens[:1000])
+    assert c.n_centroids == 2 * colbert_num_centroids(1000) == 512
+    assert KMeansCodec(niter=2, k_scale=0.5).fit(tokens[:1000]).n_centroids == 128
+    assert registry.build(c.spec).spec == c.spec  # round-trips
+    assert ResidualCodec(k=64, k_scale=4).fit(tokens[:1000]).n_centroids == 64  # explicit k wins
+    with pytest.raises(ValueError, match="k_scale"):
+        ResidualCodec(k_scale=0)
+
+
 # -- bad input -------------------------------------------------------------------------
 def test_fitting_on_fewer_tokens_than_k(tokens):
     for cls in (KMeansCodec, ResidualCodec, HierarchicalKMeansCodec):

@@ -117,6 +117,14 @@ def id_geometry(centroids: np.ndarray, n_pairs: int = 20000, seed: int = 0) -> d
     return out
 
 
+#: the ``k_scale`` parameter of the centroid codecs
+K_SCALE_HELP = (
+    "multiplier of the default codebook size when k is unset (rounded down to a power of "
+    "two); 2 after a step that halves the tokens (pool:factor=2) keeps the codebook of the "
+    "unpooled corpus"
+)
+
+
 class _CentroidCodec(Codec):
     """Shared machinery of the id codecs: codebook, assignment, query tables."""
 
@@ -129,7 +137,14 @@ class _CentroidCodec(Codec):
         return int(self.centroids_.shape[0])
 
     def _resolve_k(self, n_tokens: int, n_total: int) -> int:
-        k = self.k if self.k is not None else colbert_num_centroids(n_total)
+        if self.k is not None:
+            k = self.k
+        else:
+            k = colbert_num_centroids(n_total)
+            scale = float(getattr(self, "k_scale", 1.0))
+            if scale != 1.0:  # still a power of two, within the formula's caps
+                k = 2 ** int(np.floor(np.log2(k * scale)))
+                k = max(2, min(k, 65536, 2 ** int(np.floor(np.log2(max(n_total, 2))))))
         if n_tokens < k:
             raise ValueError(
                 f"{self.name}: n_tokens={n_tokens} should be >= k={k}; lower k or fit on more tokens"
@@ -195,6 +210,7 @@ class KMeansCodec(_CentroidCodec):
     name = "kmeans"
     params: ClassVar[dict[str, Param]] = {
         "k": Param(None, int, "codebook size (default: colbert-ai formula)", low=2, high=65536),
+        "k_scale": Param(1.0, float, K_SCALE_HELP, low=0.0625, high=16.0),
         "score": Param("table", str, "query scoring", choices=SCORES),
         "sample": Param(262_144, int, "max training tokens", low=1),
         "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from retrieval_prune.compress.base import code_dtype, nearest_centroid, sample_rows
-from retrieval_prune.compress.kmeans import _CentroidCodec, _round_fp16, train_kmeans
+from retrieval_prune.compress.kmeans import K_SCALE_HELP, _CentroidCodec, _round_fp16, train_kmeans
 from retrieval_prune.registry import Param, register
 
 __all__ = ["ResidualCodec", "pack_bits", "unpack_bits"]
@@ -83,6 +83,7 @@ class ResidualCodec(_CentroidCodec):
     score_kind = "residual"
     params: ClassVar[dict[str, Param]] = {
         "k": Param(None, int, "codebook size (default: colbert-ai formula)", low=2, high=65536),
+        "k_scale": Param(1.0, float, K_SCALE_HELP, low=0.0625, high=16.0),
         "nbits": Param(2, int, "bits per residual dimension", choices=NBITS),
         "sample": Param(262_144, int, "max training tokens", low=1),
         "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),

@@ -14,7 +14,7 @@ Examples
 >>> docs = MultiVectors.from_list([rng.standard_normal((6, 16)).astype(np.float32) for _ in range(40)])
 >>> index = IVFIndex.from_codecs("residual:k=16,nbits=2", nprobe=2)
 >>> index.spec
-'residual:k=16,nbits=2,sample=262144,niter=4,normalize=false,candidates=8 | ivf:nprobe=2,n_candidates=1024,n_rerank=256,probe=table'
+'residual:k=16,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8 | ivf:nprobe=2,n_candidates=1024,n_rerank=256,probe=table'
 >>> index.add(docs, [f"d{i}" for i in range(40)])
 >>> index.search(docs[3:4], k=1).external(0)[0][0]
 'd3'
