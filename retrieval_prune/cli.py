@@ -147,6 +147,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(args.json, result)
         return 0
+    if args.what == "plaid":
+        import shlex
+
+        from retrieval_prune.evaluation import bench_plaid
+
+        command = shlex.join(["retrieval-prune", *(args.argv or [])])
+        try:
+            return bench_plaid.run_from_args(args, command, threads=args.threads)
+        except ImportError as exc:
+            print(f"retrieval-prune bench plaid: error: {exc}", file=sys.stderr)
+            return 2
     raise ValueError(f"unknown benchmark {args.what!r}")
 
 
@@ -261,12 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    bn = sub.add_parser("bench", help="benchmarks (kernels)",
-                        description="Benchmarks measured against this machine's own roofs.")
-    bn.add_argument("what", choices=["kernels"])
+    bn = sub.add_parser("bench", help="benchmarks (kernels; plaid: against colbert-ai PLAID)",
+                        description="Benchmarks: 'kernels' against this machine's own roofs; "
+                                    "'plaid' against colbert-ai's PLAID on the same vectors "
+                                    "(needs pip install -e '.[plaid]').")
+    bn.add_argument("what", choices=["kernels", "plaid"])
     bn.add_argument("--json", metavar="PATH")
-    bn.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    bn.add_argument("--n-docs", type=int, default=10_000)
+    bn.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="thread counts (plaid: latency at each; the first is the headline)")
+    bn.add_argument("--n-docs", type=int, default=10_000, help="kernels: synthetic documents")
+    bn.add_argument("--data", metavar="NAME", help="plaid: dataset name or folder (scifact)")
+    bn.add_argument("--checkpoint", default=None, metavar="CKPT",
+                    help="plaid: checkpoint whose cached vectors both engines index")
+    bn.add_argument("--split", default="test", help="plaid: qrels split (default test)")
+    from retrieval_prune.evaluation.bench_plaid import add_arguments as _plaid_args
+
+    _plaid_args(bn, with_data=False)
     bn.add_argument("--timer", choices=["wall", "cpu"], default="wall",
                     help="wall clock (quiet machine) or process CPU time (busy machine; "
                          "exact for one thread)")
@@ -293,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "k", 1) is not None and getattr(args, "k", 1) <= 0:
         parser.error(f"-k {args.k}: k must be >= 1")
     try:
