@@ -143,6 +143,15 @@ def test_spec_round_trip_and_defaults():
     )
 
 
+def test_budgets_follow_k_like_plaid_unless_set():
+    auto = make_pipeline("residual:nbits=1 | ivf").index
+    assert auto.budgets(10) == (256, 64) and auto.budgets(100) == (1024, 256)
+    assert auto.budgets(1000) == (4096, 1024)
+    fixed = make_pipeline("residual:nbits=1 | ivf:n_candidates=512,n_rerank=300").index
+    assert fixed.budgets(10) == fixed.budgets(100) == (512, 300)
+    assert make_pipeline("residual:nbits=1 | ivf:n_candidates=512").index.budgets(10) == (512, 128)
+
+
 def test_bad_specs_and_params():
     with pytest.raises(ValueError, match="centroid codes"):
         make_pipeline("fp16 | ivf")

@@ -206,7 +206,7 @@ def test_cli_add_delete_compact_inspect(text_index, tmp_path, capsys):
     assert main(["inspect", root, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["type"] == "ivf" and info["documents"] == 6 and info["tombstones"] == 2
-    assert info["spec"].endswith("ivf:nprobe=2,n_candidates=1024,n_rerank=256,probe=table")
+    assert info["spec"].endswith("ivf:nprobe=2,probe=table")
     assert info["format_version"] == storage.FORMAT_VERSION and info["vectors"] > 0
     assert "codes.codes.npy" in info["files"] and info["bytes"] == sum(info["files"].values())
     assert main(["compact", root]) == 0

@@ -14,7 +14,7 @@ Examples
 >>> docs = MultiVectors.from_list([rng.standard_normal((6, 16)).astype(np.float32) for _ in range(40)])
 >>> index = IVFIndex.from_codecs("residual:k=16,nbits=2", nprobe=2)
 >>> index.spec
-'residual:k=16,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8 | ivf:nprobe=2,n_candidates=1024,n_rerank=256,probe=table'
+'residual:k=16,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8 | ivf:nprobe=2,probe=table'
 >>> index.add(docs, [f"d{i}" for i in range(40)])
 >>> index.search(docs[3:4], k=1).external(0)[0][0]
 'd3'
@@ -56,10 +56,12 @@ class IVFIndex(StagedIndex):
     t_cs : float, optional
         Centroid score threshold: centroids whose best similarity to the query is below
         it are pruned from the first approximate pass (PLAID); unset, no pruning.
-    n_candidates : int
-        Documents kept after the approximate (centroid-interaction) scoring.
-    n_rerank : int
-        Documents re-scored exactly from decompressed residuals (at least ``k``).
+    n_candidates : int, optional
+        Documents kept after the approximate (centroid-interaction) scoring. Unset, it
+        follows ``k`` as colbert-ai's PLAID ``ndocs``: 256 for k <= 10, 1,024 for k <= 100.
+    n_rerank : int, optional
+        Documents re-scored exactly from decompressed residuals (at least ``k``). Unset,
+        a quarter of ``n_candidates`` (PLAID).
     probe : {"table", "hamming"}
         How probed centroids are found: exactly from the score table, or by Hamming
         distance between sign bits (binary prefilter).

@@ -71,9 +71,13 @@ STAGE_PARAMS: dict[str, Param] = {
         None, float, "centroid score threshold of the pruned interaction (PLAID); unset: off"
     ),
     "n_candidates": Param(
-        1024, int, "documents kept by the (pruned) approximate scoring", low=1
+        None, int, "documents kept by the (pruned) approximate scoring; unset: by k as "
+        "PLAID's ndocs (256 for k <= 10, 1024 for k <= 100, else max(4k, 4096))", low=1
     ),
-    "n_rerank": Param(256, int, "documents re-scored exactly (residual decompression)", low=1),
+    "n_rerank": Param(
+        None, int, "documents re-scored exactly (residual decompression); unset: "
+        "n_candidates / 4 (PLAID), at least k", low=1
+    ),
 }
 
 
@@ -329,8 +333,9 @@ class StagedIndex(CompressedIndex):
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         cand = np.sort(buf[:n]).astype(np.int64)
         # 3. approximate scoring on codes
-        n_keep = max(self.n_candidates, self.n_rerank, k)
-        n_final = max(self.n_rerank, k)
+        n_cand, n_rerank = self.budgets(k)
+        n_keep = max(n_cand, n_rerank, k)
+        n_final = max(n_rerank, k)
         if cand.size > n_final:
             keep = None
             if self.t_cs is not None:
@@ -344,6 +349,15 @@ class StagedIndex(CompressedIndex):
         out_s, out_i = final[order], cand[order]
         ok = np.isfinite(out_s) & (out_s > -3.0e38)
         return out_s[ok], out_i[ok]
+
+    def budgets(self, k: int) -> tuple[int, int]:
+        """``(n_candidates, n_rerank)`` for a search of depth ``k``: the set values, or
+        colbert-ai's PLAID defaults by ``k`` where unset (rerank = a quarter, >= ``k``)."""
+        n_cand = self.n_candidates
+        if n_cand is None:
+            n_cand = 256 if k <= 10 else 1024 if k <= 100 else max(4 * k, 4096)
+        n_rerank = self.n_rerank if self.n_rerank is not None else max(n_cand // 4, k)
+        return int(n_cand), int(n_rerank)
 
     def _interaction(self, cache, table, cand, keep) -> np.ndarray:
         """Centroid interaction of candidates with a uint8 table (pruned rows when ``keep``)."""
