@@ -97,14 +97,9 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    from retrieval_prune.evaluation.runner import current_rss_mb
+
+    return current_rss_mb()
 
 
 def quality(ctx: Any, run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -635,25 +630,16 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-MD_COLUMNS = [
-    ("engine", "engine", "{}"),
-    ("pipeline", "pipeline", "{}"),
-    ("ndcg@10", "nDCG@10", "{:.4f}"),
-    ("delta_ndcg@10", "Δ exact", "{:+.4f}"),
-    ("recall@100", "R@100", "{:.4f}"),
-    ("mrr@10", "MRR@10", "{:.4f}"),
-    ("exact_top10_recall", "top10∩exact", "{:.3f}"),
-    ("bytes_per_doc", "bytes/doc", "{:,.0f}"),
-    ("vectors_per_doc", "vec/doc", "{:.1f}"),
-    ("compression_ratio", "x fp32", "{:.1f}"),
-    ("build_s", "build s", "{:.1f}"),
-    ("build_s_with_encoding", "build s +enc", "{:.0f}"),
-    ("p50_ms_k10", "p50 k10", "{:.2f}"),
-    ("p95_ms_k10", "p95 k10", "{:.2f}"),
-    ("p50_ms_k100", "p50 k100", "{:.2f}"),
-    ("p95_ms_k100", "p95 k100", "{:.2f}"),
-    ("peak_rss_mb", "peak MiB", "{:,.0f}"),
-]
+def _md_columns() -> list[tuple[str, str, str]]:
+    """The eval table's quality and size columns, framed by engine, build and latency ones."""
+    from retrieval_prune.cli import EVAL_COLUMNS
+
+    shared = EVAL_COLUMNS[1 : [c[0] for c in EVAL_COLUMNS].index("build_s") + 1]
+    return [("engine", "engine", "{}"), *shared,
+            ("build_s_with_encoding", "build s +enc", "{:.0f}"),
+            ("p50_ms_k10", "p50 k10", "{:.2f}"), ("p95_ms_k10", "p95 k10", "{:.2f}"),
+            ("p50_ms_k100", "p50 k100", "{:.2f}"), ("p95_ms_k100", "p95 k100", "{:.2f}"),
+            ("peak_rss_mb", "peak MiB", "{:,.0f}")]
 
 
 def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
@@ -676,7 +662,7 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
         f"{meta['threads'][0]} thread(s) (torch, Numba, BLAS, OpenMP), engines interleaved "
         f"query by query in one process after {meta['warmup_queries']} warm-up queries; "
         f"query encoding excluded. `p50_ms`/`p95_ms` in the JSON are the k=100 columns.\n")
-    lines.append(format_table([{**r, "pipeline": _md(r["pipeline"])} for r in rows], MD_COLUMNS))
+    lines.append(format_table([{**r, "pipeline": _md(r["pipeline"])} for r in rows], _md_columns()))
     lines.append("")
     if len(meta["threads"]) > 1:
         lines.append("Latency (p50 / p95 ms) at every thread count:\n")

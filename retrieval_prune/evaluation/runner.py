@@ -44,15 +44,29 @@ def peak_rss_reset() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since the last reset, in MiB."""
+def _proc_status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (NaN where /proc is missing)."""
+    mb = _proc_status_mb("VmRSS")
+    return float("nan") if mb is None else mb
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset, in MiB."""
+    mb = _proc_status_mb("VmHWM")
+    if mb is not None:
+        return mb
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
