@@ -35,18 +35,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def top10(run_q: dict[str, float]) -> list[str]:
-    return [d for d, _ in sorted(run_q.items(), key=lambda x: -x[1])[:10]]
-
-
 def overlap(a: dict, b: dict, qids) -> float:
-    return float(np.mean([len(set(top10(a.get(q, {}))) & set(top10(b.get(q, {})))) / max(1, len(top10(b.get(q, {}))))
+    from retrieval_prune.evaluation.runner import _top10
+
+    return float(np.mean([len(set(_top10(a.get(q, {}))) & set(_top10(b.get(q, {})))) / max(1, len(_top10(b.get(q, {}))))
                           for q in qids]))
 
 
 def bench(ctx, spec: str, workdir: Path, bruteforce: bool) -> dict:
     from retrieval_prune.evaluation.metrics import evaluate
-    from retrieval_prune.evaluation.runner import index_bytes
+    from retrieval_prune.evaluation.runner import index_bytes, run_quality
     from retrieval_prune.index.base import load_index
     from retrieval_prune.index.pipeline import make_pipeline
 
@@ -81,18 +79,13 @@ def bench(ctx, spec: str, workdir: Path, bruteforce: bool) -> dict:
             rb = index.search_bruteforce(q, k=100)
             lat_bf.append(time.perf_counter() - t)
             run_bf[qid] = dict(rb.external(0))
-    m = evaluate(ctx.qrels, run)
     n_docs = len(ctx.doc_ids)
     row = {
         "dataset": ctx.name,
         "pipeline": spec,
         "pipeline_canonical": pipe.spec,
         "encoder": ctx.encoder_name,
-        "ndcg@10": m["ndcg@10"],
-        "recall@100": m["recall@100"],
-        "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
-        "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
-        "exact_top10_recall": overlap(run, ctx.exact_run, ctx.qids),
+        **run_quality(ctx, run),
         "n_docs": n_docs,
         "n_queries": len(ctx.qids),
         "bytes_per_doc": nbytes / n_docs,

@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_prune.evaluation.runner import current_rss_mb, run_quality
+
 __all__ = [
     "DEFAULT_PIPELINES",
     "DEFAULT_NBITS",
@@ -94,32 +96,6 @@ def require_colbert() -> None:
 def _dir_bytes(path: Path) -> int:
     """Bytes of every file under ``path`` (recursively)."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def _rss_mb() -> float:
-    from retrieval_prune.evaluation.runner import current_rss_mb
-
-    return current_rss_mb()
-
-
-def quality(ctx: Any, run: dict[str, dict[str, float]]) -> dict[str, float]:
-    """nDCG@10 / R@100 / MRR@10 of ``run`` and its agreement with the exact reference,
-    computed as :func:`~retrieval_prune.evaluation.runner.evaluate_pipeline` does."""
-    from retrieval_prune.evaluation.metrics import evaluate
-    from retrieval_prune.evaluation.runner import _top10
-
-    m = evaluate(ctx.qrels, run)
-    exact_top = {q: set(_top10(ctx.exact_run.get(q, {}))) for q in ctx.qids}
-    overlap = [len(exact_top[q] & set(_top10(run.get(q, {})))) / max(len(exact_top[q]), 1)
-               for q in ctx.qids]
-    return {
-        "ndcg@10": m["ndcg@10"],
-        "recall@100": m["recall@100"],
-        "mrr@10": m["mrr@10"],
-        "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
-        "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
-        "exact_top10_recall": float(np.mean(overlap)) if overlap else 0.0,
-    }
 
 
 @contextlib.contextmanager
@@ -167,7 +143,7 @@ class OurEngine:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         peak_rss_reset()
-        rss0 = _rss_mb()
+        rss0 = current_rss_mb()
         self.row = evaluate_pipeline(ctx, spec, checkpoint=checkpoint, index_dir=self.folder,
                                      progress=progress)
         self.row.update({"engine": self.engine, "rss_at_start_mb": rss0})
@@ -264,7 +240,7 @@ class PlaidEngine:
         collection = [str(i) for i in range(n)]
         _VectorCheckpoint.docs = ctx.docs
         peak_rss_reset()
-        rss0 = _rss_mb()
+        rss0 = current_rss_mb()
         t0 = time.perf_counter()
         with _quiet(log), Run().context(self.run_config), \
                 _patched(collection_indexer, "Checkpoint", _VectorCheckpoint):
@@ -301,7 +277,7 @@ class PlaidEngine:
                 f"num_partitions={meta['num_partitions']}, kmeans_niters={config.kmeans_niters}"),
             "checkpoint": checkpoint or "zero-shot",
             "encoder": ctx.encoder_name,
-            **quality(ctx, run),
+            **run_quality(ctx, run),
             "n_docs": n_docs,
             "n_queries": len(ctx.qids),
             "bytes_per_doc": nbytes / n_docs,
@@ -549,7 +525,7 @@ def run(
         for e, res in zip(engines, results, strict=True):
             # the k=100 results of the latency pass must score like the quality pass's
             run100 = {ctx.qids[qi]: dict(h) for qi, h in res[100].items()}
-            same = abs(quality(ctx, run100)["ndcg@10"] - e.row["ndcg@10"]) < 1e-9
+            same = abs(run_quality(ctx, run100)["ndcg@10"] - e.row["ndcg@10"]) < 1e-9
             e.row.setdefault("latency_pass_matches_quality_pass", bool(same))
     rows = []
     for i, e in enumerate(engines):

@@ -177,6 +177,23 @@ def _top10(run_q: dict[str, float]) -> list[str]:
     return [d for d, _ in sorted(run_q.items(), key=lambda x: -x[1])[:10]]
 
 
+def run_quality(ctx: DatasetContext, run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """nDCG@10 / R@100 / MRR@10 of ``run``, its delta to the exact reference and
+    ``exact_top10_recall`` (the fraction of exact MaxSim's top 10 it returns in its top 10)."""
+    m = evaluate(ctx.qrels, run)
+    exact_top = {q: set(_top10(ctx.exact_run.get(q, {}))) for q in ctx.qids}
+    overlap = [len(exact_top[q] & set(_top10(run.get(q, {})))) / max(len(exact_top[q]), 1)
+               for q in ctx.qids]
+    return {
+        "ndcg@10": m["ndcg@10"],
+        "recall@100": m["recall@100"],
+        "mrr@10": m["mrr@10"],
+        "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
+        "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
+        "exact_top10_recall": float(np.mean(overlap)) if overlap else 0.0,
+    }
+
+
 def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
                       index_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Build ``spec`` over ``ctx``'s corpus, save it, reopen it from disk, search, score."""
@@ -213,10 +230,6 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    m = evaluate(ctx.qrels, run)
-    exact_top = {q: set(_top10(ctx.exact_run.get(q, {}))) for q in ctx.qids}
-    overlap = [len(exact_top[q] & set(_top10(run.get(q, {})))) / max(len(exact_top[q]), 1)
-               for q in ctx.qids]
     fp32_bytes = ctx.docs.n_tokens * ctx.docs.dim * 4
     return {
         "dataset": ctx.name,
@@ -225,12 +238,7 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
         "pipeline_canonical": pipe.spec,
         "checkpoint": checkpoint or "zero-shot",
         "encoder": ctx.encoder_name,
-        "ndcg@10": m["ndcg@10"],
-        "recall@100": m["recall@100"],
-        "mrr@10": m["mrr@10"],
-        "exact_ndcg@10": ctx.exact_metrics["ndcg@10"],
-        "delta_ndcg@10": m["ndcg@10"] - ctx.exact_metrics["ndcg@10"],
-        "exact_top10_recall": float(np.mean(overlap)) if overlap else 0.0,
+        **run_quality(ctx, run),
         "n_docs": len(ctx.doc_ids),
         "n_queries": len(ctx.qids),
         "bytes_per_doc": nbytes / len(ctx.doc_ids),

@@ -167,6 +167,10 @@ class MultiVectorIndex(Component):
 
     def search(self, queries: MultiVectors, k: int = 10) -> SearchResult:
         """Top-``k`` live documents per query, best first (ids -1 padded)."""
+        return self._checked_search(queries, k, self._search)
+
+    def _checked_search(self, queries: MultiVectors, k: int, scorer) -> SearchResult:
+        """Validate ``queries`` and ``k``, answer empty cases, else ``scorer(queries, k)``."""
         k = check_k(k)
         if not isinstance(queries, MultiVectors):
             raise TypeError(f"queries must be MultiVectors, got {type(queries).__name__}")
@@ -181,7 +185,7 @@ class MultiVectorIndex(Component):
             return SearchResult(
                 np.full(shape, -np.inf, np.float32), np.full(shape, -1, np.int64), self.doc_ids
             )
-        scores, ids = self._search(queries, k)
+        scores, ids = scorer(queries, k)
         return SearchResult(scores, ids, self.doc_ids)
 
     def id_of(self, position: int) -> str:

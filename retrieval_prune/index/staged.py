@@ -431,25 +431,7 @@ class StagedIndex(CompressedIndex):
     def search_bruteforce(self, queries: MultiVectors, k: int = 10):
         """Every live document scored exactly from its codes (no candidate stages): the
         reference the staged search is measured against."""
-        from retrieval_prune.types import SearchResult, check_k
-
-        k = check_k(k)
-        self._check_queries(queries)
-        if self.n_positions == 0 or len(queries) == 0:
-            shape = (len(queries), k)
-            return SearchResult(np.full(shape, -np.inf, np.float32), np.full(shape, -1, np.int64), self.doc_ids)
-        s, i = CompressedIndex._search(self, queries, k)
-        return SearchResult(s, i, self.doc_ids)
-
-    def _check_queries(self, queries: MultiVectors) -> None:
-        if not isinstance(queries, MultiVectors):
-            raise TypeError(f"queries must be MultiVectors, got {type(queries).__name__}")
-        if self.dim is not None and queries.dim != self.dim:
-            raise ValueError(
-                f"queries have dim={queries.dim} but the index holds dim={self.dim} vectors; "
-                "encode queries with the index's encoder settings"
-            )
-        queries.validate_finite("queries")
+        return self._checked_search(queries, k, lambda q, kk: CompressedIndex._search(self, q, kk))
 
     # -- persistence --------------------------------------------------------------------
     def _native_files(self, folder: Path) -> dict[str, Path]:
