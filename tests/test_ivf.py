@@ -58,13 +58,16 @@ def test_build_ivf_matches_numpy():
 
 def test_topn_and_hamming_probe_match_numpy():
     rng = np.random.default_rng(1)
-    t = rng.standard_normal((50, 7)).astype(np.float32)
-    t[3, 2] = t[4, 2]  # a tie: lower id first
-    out = np.empty((7, 5), np.int64)
-    K.topn_cols_kernel(t, 5, out)
-    for i in range(7):
-        want = np.lexsort((np.arange(50), -t[:, i]))[:5]
-        np.testing.assert_array_equal(out[i], want)
+    t = rng.standard_normal((50, 16)).astype(np.float32)  # 7 real columns, 9 of padding
+    t[:, 7:] = 100.0  # padding columns must never be read
+    t[3, 2] = t[4, 2] = t[:, 2].max() + 1  # a tie at the top: lower id first
+    t[10:14, 5] = 5.0  # a four-way tie across the cut of the top 3
+    for n in (1, 3, 5):
+        out = np.empty((7, n), np.int64)
+        K.topn_cols_kernel(t, 7, n, out)
+        for i in range(7):
+            want = np.lexsort((np.arange(50), -t[:, i]))[:n]
+            np.testing.assert_array_equal(out[i], want)
     c = rng.standard_normal((40, 70)).astype(np.float32)
     q = rng.standard_normal((6, 70)).astype(np.float32)
     got = np.empty((6, 4), np.int64)
@@ -192,3 +195,49 @@ def test_query_dim_mismatch_is_refused(data):
     index = make_pipeline(EXHAUSTIVE[0]).build(docs, ids)
     with pytest.raises(ValueError, match="dim"):
         index.search(random_docs(2, dim=8), k=3)
+
+
+def test_centroid_table_kernel_matches_numpy_float32_and_int8():
+    from retrieval_prune.compress.kmeans import _dequantize_int8, _quantize_int8
+    from retrieval_prune.index.ops import _pack
+    from retrieval_prune.kernels.codes import centroid_table_kernel
+
+    rng = np.random.default_rng(3)
+    for n_q, k, dim in [(32, 1030, 128), (5, 7, 24), (17, 300, 64)]:
+        q = rng.standard_normal((n_q, dim)).astype(np.float32)
+        c = rng.standard_normal((k, dim)).astype(np.float32)
+        qp = _pack(q, np.array([0, n_q], np.int64))[0]
+        nv = -(-n_q // 16)
+        out = np.full((k, nv * 16), np.nan, np.float32)
+        centroid_table_kernel(qp, nv, dim, c.reshape(-1), np.zeros(0, np.float32), False, k, out.reshape(-1))
+        np.testing.assert_allclose(out[:, :n_q], c @ q.T, rtol=1e-5, atol=1e-4)
+        assert np.all(out[:, n_q:] == 0)  # padding lanes are zero
+        c8, scale = _quantize_int8(c)
+        centroid_table_kernel(qp, nv, dim, c8.reshape(-1), scale, True, k, out.reshape(-1))
+        np.testing.assert_allclose(out[:, :n_q], _dequantize_int8(c8, scale) @ q.T, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_centroids_round_trip_and_default_uses_them(tmp_path):
+    from retrieval_prune.compress.residual import ResidualCodec
+
+    assert "centroid_bits=8" in ALIASES["default"]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    codec = ResidualCodec(k=64, nbits=2, centroid_bits=8).fit(x)
+    state = codec.state_arrays()
+    assert state["centroids"].dtype == np.int8 and state["centroid_scale"].shape == (64,)
+    enc = codec.encode(x)
+    again = ResidualCodec(k=64, nbits=2, centroid_bits=8).load_state(state)
+    np.testing.assert_array_equal(again.decode(enc), codec.decode(enc))
+    broken = {k: v for k, v in state.items() if k != "centroid_scale"}
+    with pytest.raises(ValueError, match="centroid_scale"):
+        ResidualCodec(k=64, nbits=2, centroid_bits=8).load_state(broken)
+    # a whole index: saved int8 codebook, same search after reload
+    docs = MultiVectors.from_list([rng.standard_normal((6, 32)).astype(np.float32) for _ in range(60)])
+    index = IVFIndex.from_codecs("residual:k=16,nbits=2,centroid_bits=8", nprobe=2)
+    index.add(docs, [f"d{i}" for i in range(60)])
+    index.save(tmp_path / "ix")
+    back = load_index(tmp_path / "ix")
+    a, b = index.search(docs[:5], k=5), back.search(docs[:5], k=5)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)

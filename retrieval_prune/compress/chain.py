@@ -56,7 +56,7 @@ class CodecChain:
     >>> x = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
     >>> chain = CodecChain.from_spec("pca:dim=16 | residual:k=64,nbits=2").fit(x)
     >>> chain.spec
-    'pca:dim=16,sample=100000 | residual:k=64,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8'
+    'pca:dim=16,sample=100000 | residual:k=64,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8,centroid_bits=16'
     >>> chain.code_size, chain.encode(x).shape, chain.decode(chain.encode(x)).shape
     (5, (3000, 5), (3000, 32))
     """

@@ -44,6 +44,29 @@ def _round_fp16(c: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(c, dtype=np.float32)
 
 
+#: the ``centroid_bits`` parameter of the centroid codecs
+CENTROID_BITS_HELP = (
+    "bits per stored centroid coordinate: 16 (float16, as colbert-ai stores them) or 8 (int8 "
+    "with a float32 scale per centroid: half the codebook's bytes; codes and residuals are "
+    "computed against exactly the stored values)"
+)
+CENTROID_BITS = (16, 8)
+
+
+def _quantize_int8(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantization: ``(q int8 (K, d), scale float32 (K,))``."""
+    c = np.asarray(c, np.float32)
+    amax = np.abs(c).max(axis=1) if c.size else np.zeros(c.shape[0], np.float32)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(c / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 centroids an int8 codebook stands for (the same values at fit and load)."""
+    return np.ascontiguousarray(q.astype(np.float32) * np.asarray(scale, np.float32)[:, None])
+
+
 def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     """faiss k-means on ``x`` (already sampled), float32 centroids ``(k, dim)``."""
     import faiss
@@ -130,6 +153,20 @@ class _CentroidCodec(Codec):
 
     state_names = ("centroids",)
     score_kind = "table"
+    #: int8 codebook and its per-centroid scales (``centroid_bits=8``), else None
+    _centroids_i8: np.ndarray | None = None
+    centroid_scale_: np.ndarray | None = None
+
+    def _set_centroids(self, c: np.ndarray) -> None:
+        """Store trained centroids at the precision they will be saved with, so that codes
+        and residuals are computed against exactly the values a reloaded index uses."""
+        if int(getattr(self, "centroid_bits", 16)) == 8:
+            q, scale = _quantize_int8(c)
+            self._centroids_i8, self.centroid_scale_ = q, scale
+            self.centroids_ = _dequantize_int8(q, scale)
+        else:
+            self._centroids_i8 = self.centroid_scale_ = None
+            self.centroids_ = _round_fp16(c)
 
     @property
     def n_centroids(self) -> int:
@@ -162,13 +199,35 @@ class _CentroidCodec(Codec):
 
     def state_arrays(self):
         out = super().state_arrays()
+        if self._centroids_i8 is not None:
+            out["centroids"] = self._centroids_i8  # a quarter of float32's bytes
+            out["centroid_scale"] = np.asarray(self.centroid_scale_, np.float32)
+            return out
         c16 = self.centroids_.astype(np.float16)
         if np.array_equal(c16.astype(np.float32), self.centroids_):
             out["centroids"] = c16  # half the bytes; exactly the values in use
         return out
 
+    def load_state(self, arrays):
+        scale = arrays.get("centroid_scale")
+        self.centroid_scale_ = None if scale is None else np.array(scale, np.float32)
+        return super().load_state(arrays)
+
     def _after_load(self) -> None:
-        self.centroids_ = np.ascontiguousarray(self.centroids_, dtype=np.float32)
+        c = self.centroids_
+        if c.dtype == np.int8:
+            scale = self.centroid_scale_
+            if scale is None or scale.shape != (c.shape[0],):
+                raise ValueError(
+                    f"{self.spec}: int8 centroids {c.shape} need a float32 centroid_scale of shape "
+                    f"({c.shape[0]},); the saved state has "
+                    f"{'none' if scale is None else scale.shape} -- rebuild the index"
+                )
+            self._centroids_i8 = c
+            self.centroids_ = _dequantize_int8(c, scale)
+        else:
+            self._centroids_i8 = self.centroid_scale_ = None
+            self.centroids_ = np.ascontiguousarray(c, dtype=np.float32)
 
     def query_table(self, queries: np.ndarray) -> np.ndarray:
         """Per-token score table ``float32 (K, n_q)`` for code-table MaxSim."""
@@ -214,12 +273,13 @@ class KMeansCodec(_CentroidCodec):
         "score": Param("table", str, "query scoring", choices=SCORES),
         "sample": Param(262_144, int, "max training tokens", low=1),
         "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),
+        "centroid_bits": Param(16, int, CENTROID_BITS_HELP, choices=CENTROID_BITS),
     }
 
     def _fit(self, tokens, rng, n_total, seed) -> None:
         k = self._resolve_k(tokens.shape[0], n_total)
         rows = sample_rows(tokens.shape[0], max(self.sample, k), rng)
-        self.centroids_ = _round_fp16(train_kmeans(tokens[rows], k, self.niter, seed))
+        self._set_centroids(train_kmeans(tokens[rows], k, self.niter, seed))
 
 
 def balanced_tree(
@@ -311,6 +371,6 @@ class HierarchicalKMeansCodec(_CentroidCodec):
         k = self._resolve_k(tokens.shape[0], n_total)
         rows = sample_rows(tokens.shape[0], max(self.sample, k), rng)
         depth = int(np.log2(k))
-        self.centroids_ = _round_fp16(
+        self._set_centroids(
             balanced_tree(np.asarray(tokens[rows]), depth, rng, self.niter)
         )

@@ -14,7 +14,13 @@ from typing import ClassVar
 import numpy as np
 
 from retrieval_prune.compress.base import code_dtype, nearest_centroid, sample_rows
-from retrieval_prune.compress.kmeans import K_SCALE_HELP, _CentroidCodec, _round_fp16, train_kmeans
+from retrieval_prune.compress.kmeans import (
+    CENTROID_BITS,
+    CENTROID_BITS_HELP,
+    K_SCALE_HELP,
+    _CentroidCodec,
+    train_kmeans,
+)
 from retrieval_prune.registry import Param, register
 
 __all__ = ["ResidualCodec", "pack_bits", "unpack_bits"]
@@ -64,6 +70,10 @@ class ResidualCodec(_CentroidCodec):
     normalize : bool
         L2-normalise decoded vectors (ColBERTv2 does; off by default so that
         ``decode(encode(.))`` is idempotent).
+    centroid_bits : {16, 8}
+        Precision of the stored codebook: float16 (colbert-ai) or int8 with one float32
+        scale per centroid (a quarter of float32's bytes; the residuals are taken against
+        the int8 values, so only the centroid-interaction stage sees the rounding).
     candidates : int
         A vector is coded against whichever of its ``candidates`` nearest centroids
         gives the smallest *quantized* reconstruction error (1 = the nearest centroid,
@@ -89,6 +99,7 @@ class ResidualCodec(_CentroidCodec):
         "niter": Param(4, int, "k-means iterations (colbert-ai: 4)", low=1),
         "normalize": Param(False, bool, "L2-normalise decoded vectors"),
         "candidates": Param(8, int, "nearest centroids tried per vector", low=1, high=64),
+        "centroid_bits": Param(16, int, CENTROID_BITS_HELP, choices=CENTROID_BITS),
     }
     state_names = ("centroids", "cutoffs", "bucket_values")
 
@@ -122,7 +133,7 @@ class ResidualCodec(_CentroidCodec):
             perm = rng.permutation(pick)
         held = np.sort(perm[:heldout_n])
         train = np.sort(perm[heldout_n : heldout_n + max(self.sample, k)])
-        self.centroids_ = _round_fp16(train_kmeans(tokens[train], k, self.niter, seed))
+        self._set_centroids(train_kmeans(tokens[train], k, self.niter, seed))
         ref = tokens[held] if heldout_n else tokens[train]
         codes = nearest_centroid(ref, self.centroids_, np.dtype(np.int64))
         res = (np.asarray(ref, np.float32) - self.centroids_[codes]).ravel()

@@ -14,7 +14,7 @@ Examples
 >>> docs = MultiVectors.from_list([rng.standard_normal((6, 16)).astype(np.float32) for _ in range(40)])
 >>> index = IVFIndex.from_codecs("residual:k=16,nbits=2", nprobe=2)
 >>> index.spec
-'residual:k=16,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8 | ivf:nprobe=2,probe=table'
+'residual:k=16,k_scale=1.0,nbits=2,sample=262144,niter=4,normalize=false,candidates=8,centroid_bits=16 | ivf:nprobe=2,probe=table'
 >>> index.add(docs, [f"d{i}" for i in range(40)])
 >>> index.search(docs[3:4], k=1).external(0)[0][0]
 'd3'
@@ -87,5 +87,5 @@ class IVFIndex(StagedIndex):
                 words = cache["centroid_words"] = sign_words(cache["centroids"])
             _ivf_k.hamming_probe_kernel(sign_words(q), words, n, out)
         else:
-            _ivf_k.topn_cols_kernel(table, n, out)
+            _ivf_k.topn_cols_kernel(table, q.shape[0], n, out)
         return out.reshape(-1)

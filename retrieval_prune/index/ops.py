@@ -410,8 +410,12 @@ def _codes(codes, offsets, n_centroids: int):
 
 
 def _pad_lanes(t: np.ndarray, lanes: int) -> np.ndarray:
+    """``t (K, n)`` with zero columns appended up to a whole number of ``lanes`` (aligned);
+    ``t`` itself when it already has that width and is aligned (no copy)."""
     k, n = t.shape
     w = max(lanes, -(-n // lanes) * lanes)
+    if w == n:
+        return _aligned(t)
     out = _aligned(np.zeros((k, w), t.dtype))
     out[:, :n] = t
     return out

@@ -4,8 +4,9 @@
 stores (codec-chain codes, offsets, codec state) and searches it PLAID-style, each stage
 with its own budget:
 
-1. **score table** -- per query the centroid similarities ``T = C qᵀ`` (K x n_q), one
-   matrix product for the whole query batch, computed once and shared by every stage;
+1. **score table** -- per query the centroid similarities ``T = C qᵀ`` (K x n_q), computed
+   once by a GEMM-shaped kernel straight into the row-major, lane-padded layout the code
+   kernels read (no copy), and shared by every stage;
 2. **candidates** -- the ``nprobe`` best centroids of every query token (found exactly
    from ``T``, by Hamming distance of sign bits, or through an HNSW graph: subclasses
    choose) and the union of their inverted lists (documents holding a token of that
@@ -64,6 +65,8 @@ DRIFT_SAMPLE = 8192
 DRIFT_MIN_TOKENS = 256
 #: uint8 lanes of the quantised-table kernel
 _LANES_U8 = _codes_k.LANES_U8
+#: float32 lanes (query tokens per vector) of the packed query and the score table
+_LANES_F32 = _codes_k.LANES
 
 STAGE_PARAMS: dict[str, Param] = {
     "nprobe": Param(4, int, "centroids probed per query token", low=1, high=65536),
@@ -269,6 +272,11 @@ class StagedIndex(CompressedIndex):
             "off": off,
             "codes": codes,
             "centroids": cent,
+            # the table kernel can read an int8 codebook (use_scale), but converting each
+            # broadcast scalar made it 1.7x slower with the codebook in cache and only 7 %
+            # faster out of cache (scripts/stage_profile.py --pollute-mb): float32 it is
+            "table_source": cent.reshape(-1),
+            "table_scale": np.zeros(0, np.float32),
             "list_off": list_off,
             "list_docs": list_docs,
             "max_len": int(lens.max()) if lens.size else 0,
@@ -302,11 +310,13 @@ class StagedIndex(CompressedIndex):
             return self._search_staged(queries, k)
 
     def _search_staged(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from retrieval_prune.index.ops import _pack
+
         cache = self._prepare()
         q_all = np.ascontiguousarray(self.chain.transform(queries.embeddings), dtype=np.float32)
         q_off = queries.offsets
-        # the score table of every query token, one matrix product for the batch
-        t_all = cache["centroids"] @ q_all.T  # (K, n_qtok)
+        qp, qv_off, _ = _pack(q_all, q_off)  # once for the batch: table and rerank read it
+        vsize = q_all.shape[1] * _LANES_F32
         n_q = len(queries)
         n_docs = self.n_positions
         scores = np.full((n_q, k), -np.inf, np.float32)
@@ -320,12 +330,32 @@ class StagedIndex(CompressedIndex):
                 live = cache["nonempty"][alive[cache["nonempty"]] != 0][:k]
                 scores[i, : live.size], ids[i, : live.size] = 0.0, live
                 continue
-            s, d = self._search_one(cache, t_all[:, a:b], q_all[a:b], k, alive, mark, i + 1, buf)
+            qpi = qp[int(qv_off[i]) * vsize : int(qv_off[i + 1]) * vsize]
+            table = self._score_table(cache, qpi)
+            s, d = self._search_one(cache, table, q_all[a:b], qpi, k, alive, mark, i + 1, buf)
             scores[i, : s.size], ids[i, : d.size] = s, d
         return scores, ids
 
-    def _search_one(self, cache, table, q, k, alive, mark, stamp, buf):
-        """Stages 2-4 for one query; returns (scores, positions) best first (<= k)."""
+    def _score_table(self, cache, qp: np.ndarray) -> np.ndarray:
+        """Stage 1: ``float32 (K, W)`` centroid scores of one packed query (``qp``, 16-lane
+        vectors as :func:`~retrieval_prune.index.ops._pack` makes them); column ``i < n_q``
+        is query token ``i``, the padding columns are 0."""
+        cent = cache["centroids"]
+        n_c, dim = cent.shape
+        nv = qp.size // (dim * _LANES_F32)
+        out = np.empty((n_c, nv * _LANES_F32), np.float32)
+        with _numba_threads(float(n_c) * nv * _LANES_F32 * dim):
+            _codes_k.centroid_table_kernel(
+                qp, nv, dim, cache["table_source"], cache["table_scale"],
+                cache["table_scale"].size > 0, n_c, out.reshape(-1),
+            )  # fmt: skip
+        return out
+
+    def _search_one(self, cache, table, q, qp, k, alive, mark, stamp, buf):
+        """Stages 2-4 for one query; returns (scores, positions) best first (<= k).
+
+        ``table``: the lane-padded score table (:meth:`_score_table`); ``q``: the query's
+        ``(n_q, dim)`` tokens; ``qp``: the same packed."""
         # 2. candidates
         probe = np.ascontiguousarray(self._probe(cache, table, q), dtype=np.int64)
         n = _ivf_k.gather_kernel(probe, cache["list_off"], cache["list_docs"], alive, mark, stamp, buf)
@@ -339,12 +369,12 @@ class StagedIndex(CompressedIndex):
         if cand.size > n_final:
             keep = None
             if self.t_cs is not None:
-                keep = (table.max(axis=1) >= self.t_cs).astype(np.uint8)
-            cand = _select(cand, self._interaction(cache, table, cand, keep), n_keep)
+                keep = (table[:, : q.shape[0]].max(axis=1) >= self.t_cs).astype(np.uint8)
+            cand = _select(cand, self._interaction(cache, table, q.shape[0], cand, keep), n_keep)
             if cand.size > n_final:  # full interaction, float32 table, on the survivors
                 cand = _select(cand, self._interaction_f32(cache, table, cand), n_final)
         # 4. rerank
-        final = self._rerank(cache, table, q, cand)
+        final = self._rerank(cache, table, q, cand, qp)
         order = np.lexsort((cand, -final))[:k]
         out_s, out_i = final[order], cand[order]
         ok = np.isfinite(out_s) & (out_s > -3.0e38)
@@ -359,22 +389,26 @@ class StagedIndex(CompressedIndex):
         n_rerank = self.n_rerank if self.n_rerank is not None else max(n_cand // 4, k)
         return int(n_cand), int(n_rerank)
 
-    def _interaction(self, cache, table, cand, keep) -> np.ndarray:
-        """Centroid interaction of candidates with a uint8 table (pruned rows when ``keep``)."""
-        t = table if keep is None else table[keep.astype(bool)]
-        lo = float(t.min()) if t.size else 0.0
-        hi = float(t.max()) if t.size else 0.0
-        if keep is not None:
-            lo = min(lo, float(table.min()))  # pruned rows sit at the bottom (0)
+    def _interaction(self, cache, table, n_q, cand, keep) -> np.ndarray:
+        """Centroid interaction of candidates with a uint8 table (pruned rows when ``keep``).
+
+        ``table (K, W)``: score table whose first ``n_q`` columns are the query tokens."""
+        use_keep = keep is not None
+        keep_arr = keep if use_keep else np.zeros(1, np.uint8)
+        if use_keep:
+            lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
+        else:  # numpy's SIMD reductions (3x the kernel's speed) over the real columns
+            t = table if table.shape[1] == n_q else table[:, :n_q]
+            lo, hi = t.min(), t.max()
+        lo, hi = float(lo), float(hi)
+        if not np.isfinite(hi):  # every row pruned
+            hi = lo
         scale = (hi - lo) / 255.0 if hi > lo else 1.0
-        n_q = table.shape[1]
         w = max(_LANES_U8, -(-n_q // _LANES_U8) * _LANES_U8)
         t8 = np.zeros((table.shape[0], w), np.uint8)
-        use_keep = keep is not None
         _ivf_k.quantize_table_kernel(
-            table, np.float32(lo), np.float32(1.0 / scale),
-            keep if use_keep else np.zeros(1, np.uint8), use_keep, t8,
-        )  # fmt: skip
+            table, n_q, np.float32(lo), np.float32(1.0 / scale), keep_arr, use_keep, t8
+        )
         out = np.empty(cand.size, np.float32)
         with _numba_threads(self._work(cache, cand, n_q)):
             _codes_k.code_u8_scores_kernel(
@@ -389,11 +423,11 @@ class StagedIndex(CompressedIndex):
         return float(cand.size) * cache["mean_len"] * n_q * dim
 
     def _interaction_f32(self, cache, table, cand) -> np.ndarray:
-        """Full centroid interaction of candidates with the float32 table."""
+        """Full centroid interaction of candidates with the float32 table (lane-padded
+        with zero columns, as :meth:`_score_table` makes it; other widths are padded)."""
         from retrieval_prune.index.ops import _pad_lanes
-        from retrieval_prune.kernels.maxsim import LANES
 
-        tp = _pad_lanes(np.ascontiguousarray(table, dtype=np.float32), LANES)
+        tp = _pad_lanes(np.ascontiguousarray(table, dtype=np.float32), _LANES_F32)
         out = np.empty(cand.size, np.float32)
         with _numba_threads(self._work(cache, cand, table.shape[1])):
             _codes_k.code_f32_scores_kernel(
@@ -401,27 +435,28 @@ class StagedIndex(CompressedIndex):
             )
         return out
 
-    def _rerank(self, cache, table, q, cand) -> np.ndarray:
+    def _rerank(self, cache, table, q, cand, qp=None) -> np.ndarray:
         """Final scores of ``cand``: exact MaxSim on decompressed residuals, or the float
-        code table when the storage keeps centroid ids only."""
+        code table when the storage keeps centroid ids only. ``qp``: ``q`` packed, if at hand."""
         from retrieval_prune.index.ops import _pack, _pad_lanes
-        from retrieval_prune.kernels.maxsim import LANES
 
         out = np.empty(cand.size, np.float32)
         if cand.size == 0:
             return out
         codec = self.storage_codec
         if codec.score_kind == "residual":
-            qp, qv_off, q_len = _pack(q, np.array([0, q.shape[0]], np.int64))
+            if qp is None:
+                qp = _pack(q, np.array([0, q.shape[0]], np.int64))[0]
+            nv = qp.size // (q.shape[1] * _LANES_F32)
             with _numba_threads(self._work(cache, cand, q.shape[0], q.shape[1])):
                 _codes_k.residual_rerank_kernel(
-                    qp, int(qv_off[1]), int(q_len[0]), cache["codes"], cache["packed"],
+                    qp, nv, int(q.shape[0]), cache["codes"], cache["packed"],
                     cache["centroids"], cache["lut"], cache["per"], bool(codec.normalize),
                     cache["off"], cand, cache["max_len"], out,
                 )  # fmt: skip
         else:
             t = table if codec.score == "table" else codec.query_table(q)
-            tp = _pad_lanes(np.ascontiguousarray(t, dtype=np.float32), LANES)
+            tp = _pad_lanes(np.ascontiguousarray(t, dtype=np.float32), _LANES_F32)
             with _numba_threads(self._work(cache, cand, q.shape[0])):
                 _codes_k.code_f32_scores_kernel(
                     tp.reshape(-1), tp.shape[1], cache["codes"], cache["off"], cand, True, out

@@ -35,12 +35,181 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .maxsim import LANES, NEG, doc_maxsim
-from .popcount import load_u64, vadd, vhadd, vload, vmax, vsplat, vstore
+from .maxsim import LANES, NEG, doc_maxsim_scaled
+from .popcount import (
+    load_u64,
+    vadd,
+    vbroadcast_f32,
+    vfma,
+    vhadd,
+    vload,
+    vmax,
+    vsplat,
+    vstore,
+)
 from .topk import topk_push
 
 #: uint8 lanes per vector of the quantised-table kernel
 LANES_U8 = 32
+
+
+# --------------------------------------------------------------------------------------
+# the score table itself
+# --------------------------------------------------------------------------------------
+@njit(**NJIT)
+def _table_rows2(qp, base, dim, C1, scale, use_scale, c0, c1, out, W, col):
+    """Dot products of centroids ``c0:c1`` with the 32 query lanes of vectors at ``base``,
+    stored to ``out[c * W + col : + 32]``: 4 centroids x 2 vectors per step (the GEMM
+    micro-kernel of :func:`.maxsim._max2`, storing instead of taking the max). ``C1``
+    float32, or int8 with ``use_scale``: row ``c`` stands for ``scale[c] * C1[c]``."""
+    b1 = base + dim * LANES
+    z = vsplat(np.float32(0.0), 16)
+    c = c0
+    while c + 4 <= c1:
+        r0 = c * dim
+        r1 = r0 + dim
+        r2 = r1 + dim
+        r3 = r2 + dim
+        a00 = z
+        a01 = z
+        a10 = z
+        a11 = z
+        a20 = z
+        a21 = z
+        a30 = z
+        a31 = z
+        for d in range(dim):
+            qa = vload(qp, base + d * LANES, 16)
+            qb = vload(qp, b1 + d * LANES, 16)
+            x = vbroadcast_f32(C1, r0 + d, 16)
+            a00 = vfma(qa, x, a00)
+            a01 = vfma(qb, x, a01)
+            x = vbroadcast_f32(C1, r1 + d, 16)
+            a10 = vfma(qa, x, a10)
+            a11 = vfma(qb, x, a11)
+            x = vbroadcast_f32(C1, r2 + d, 16)
+            a20 = vfma(qa, x, a20)
+            a21 = vfma(qb, x, a21)
+            x = vbroadcast_f32(C1, r3 + d, 16)
+            a30 = vfma(qa, x, a30)
+            a31 = vfma(qb, x, a31)
+        if use_scale:
+            x = vsplat(scale[c], 16)
+            a00 = vfma(a00, x, z)
+            a01 = vfma(a01, x, z)
+            x = vsplat(scale[c + 1], 16)
+            a10 = vfma(a10, x, z)
+            a11 = vfma(a11, x, z)
+            x = vsplat(scale[c + 2], 16)
+            a20 = vfma(a20, x, z)
+            a21 = vfma(a21, x, z)
+            x = vsplat(scale[c + 3], 16)
+            a30 = vfma(a30, x, z)
+            a31 = vfma(a31, x, z)
+        o = c * W + col
+        vstore(out, o, a00)
+        vstore(out, o + LANES, a01)
+        vstore(out, o + W, a10)
+        vstore(out, o + W + LANES, a11)
+        vstore(out, o + 2 * W, a20)
+        vstore(out, o + 2 * W + LANES, a21)
+        vstore(out, o + 3 * W, a30)
+        vstore(out, o + 3 * W + LANES, a31)
+        c += 4
+    while c < c1:
+        r0 = c * dim
+        a00 = z
+        a01 = z
+        for d in range(dim):
+            x = vbroadcast_f32(C1, r0 + d, 16)
+            a00 = vfma(vload(qp, base + d * LANES, 16), x, a00)
+            a01 = vfma(vload(qp, b1 + d * LANES, 16), x, a01)
+        if use_scale:
+            x = vsplat(scale[c], 16)
+            a00 = vfma(a00, x, z)
+            a01 = vfma(a01, x, z)
+        vstore(out, c * W + col, a00)
+        vstore(out, c * W + col + LANES, a01)
+        c += 1
+
+
+@njit(**NJIT)
+def _table_rows1(qp, base, dim, C1, scale, use_scale, c0, c1, out, W, col):
+    """:func:`_table_rows2` for one vector of 16 query lanes (8 centroids per step)."""
+    z = vsplat(np.float32(0.0), 16)
+    c = c0
+    while c + 8 <= c1:
+        r = c * dim
+        a0 = z
+        a1 = z
+        a2 = z
+        a3 = z
+        a4 = z
+        a5 = z
+        a6 = z
+        a7 = z
+        for d in range(dim):
+            qa = vload(qp, base + d * LANES, 16)
+            a0 = vfma(qa, vbroadcast_f32(C1, r + d, 16), a0)
+            a1 = vfma(qa, vbroadcast_f32(C1, r + dim + d, 16), a1)
+            a2 = vfma(qa, vbroadcast_f32(C1, r + 2 * dim + d, 16), a2)
+            a3 = vfma(qa, vbroadcast_f32(C1, r + 3 * dim + d, 16), a3)
+            a4 = vfma(qa, vbroadcast_f32(C1, r + 4 * dim + d, 16), a4)
+            a5 = vfma(qa, vbroadcast_f32(C1, r + 5 * dim + d, 16), a5)
+            a6 = vfma(qa, vbroadcast_f32(C1, r + 6 * dim + d, 16), a6)
+            a7 = vfma(qa, vbroadcast_f32(C1, r + 7 * dim + d, 16), a7)
+        if use_scale:
+            a0 = vfma(a0, vsplat(scale[c], 16), z)
+            a1 = vfma(a1, vsplat(scale[c + 1], 16), z)
+            a2 = vfma(a2, vsplat(scale[c + 2], 16), z)
+            a3 = vfma(a3, vsplat(scale[c + 3], 16), z)
+            a4 = vfma(a4, vsplat(scale[c + 4], 16), z)
+            a5 = vfma(a5, vsplat(scale[c + 5], 16), z)
+            a6 = vfma(a6, vsplat(scale[c + 6], 16), z)
+            a7 = vfma(a7, vsplat(scale[c + 7], 16), z)
+        o = c * W + col
+        vstore(out, o, a0)
+        vstore(out, o + W, a1)
+        vstore(out, o + 2 * W, a2)
+        vstore(out, o + 3 * W, a3)
+        vstore(out, o + 4 * W, a4)
+        vstore(out, o + 5 * W, a5)
+        vstore(out, o + 6 * W, a6)
+        vstore(out, o + 7 * W, a7)
+        c += 8
+    while c < c1:
+        a0 = z
+        for d in range(dim):
+            a0 = vfma(vload(qp, base + d * LANES, 16), vbroadcast_f32(C1, c * dim + d, 16), a0)
+        if use_scale:
+            a0 = vfma(a0, vsplat(scale[c], 16), z)
+        vstore(out, c * W + col, a0)
+        c += 1
+
+
+@njit(**NJIT_PARALLEL)
+def centroid_table_kernel(qp, nv, dim, C1, scale, use_scale, n_centroids, out):
+    """Score table of one packed query: ``out[c * W + l]`` = ``<centroid c, query token l>``
+    with ``W = 16 * nv`` (zero query rows give zero padding lanes).
+
+    ``qp``: the query packed as in :mod:`.maxsim` (``nv`` 16-lane vectors); ``C1``: the
+    centroids ``(K, dim)`` flattened, float32, or int8 with ``use_scale`` (centroid ``c``
+    = ``scale[c] * C1[c]``: a quarter of the bytes to read, which is what a search that
+    finds the codebook out of cache waits on). The table comes out row-major and
+    lane-padded, the layout every code kernel reads, so no copy follows; parallel over
+    chunks of centroids.
+    """
+    W = nv * LANES
+    nch = max(1, min(64, n_centroids // 256))
+    for ch in prange(nch):
+        c0 = ch * n_centroids // nch
+        c1 = (ch + 1) * n_centroids // nch
+        v = 0
+        while v + 2 <= nv:
+            _table_rows2(qp, v * dim * LANES, dim, C1, scale, use_scale, c0, c1, out, W, v * LANES)
+            v += 2
+        if v < nv:
+            _table_rows1(qp, v * dim * LANES, dim, C1, scale, use_scale, c0, c1, out, W, v * LANES)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,36 +414,53 @@ def code_search_kernel(
 # residuals
 # --------------------------------------------------------------------------------------
 @njit(**NJIT)
-def decode_token(code, packed_row, centroids, lut, per, normalize, out, o):
-    """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm.
+def decode_token_raw(code, packed_row, centroids, lut, per, out, o):
+    """Decode one token into ``out[o:o+dim]`` (centroid + bucket values, not normalised);
+    returns its squared L2 norm, accumulated in registers while decoding (re-reading the
+    token would load wide vectors over narrow stores: a store-forwarding stall each).
 
     One packed byte holds ``per = 8 / nbits`` dimensions; ``lut[v]`` holds their ``per``
     bucket values, so a byte is one ``per``-lane vector load + add + store.
     """
-    dim = centroids.shape[1]
     nbytes = packed_row.shape[0]
     crow = centroids[code]
-    tok = out[o : o + dim]
+    tok = out[o : o + centroids.shape[1]]
     if per == 4:
+        acc4 = vsplat(np.float32(0.0), 4)
         for b in range(nbytes):
-            v = np.int64(packed_row[b])
-            vstore(tok, 4 * b, vadd(vload(crow, 4 * b, 4), vload(lut, 4 * v, 4)))
-    elif per == 8:
+            x4 = vadd(vload(crow, 4 * b, 4), vload(lut, 4 * np.int64(packed_row[b]), 4))
+            vstore(tok, 4 * b, x4)
+            acc4 = vfma(x4, x4, acc4)
+        return vhadd(acc4)
+    if per == 8:
+        acc8 = vsplat(np.float32(0.0), 8)
         for b in range(nbytes):
-            v = np.int64(packed_row[b])
-            vstore(tok, 8 * b, vadd(vload(crow, 8 * b, 8), vload(lut, 8 * v, 8)))
-    else:
-        for b in range(nbytes):
-            v = np.int64(packed_row[b])
-            vstore(tok, 2 * b, vadd(vload(crow, 2 * b, 2), vload(lut, 2 * v, 2)))
-    if normalize:
-        ss = np.float32(0.0)
-        for d in range(dim):
-            ss += tok[d] * tok[d]
-        if ss > 0:
-            inv = np.float32(1.0) / np.sqrt(ss)
-            for d in range(dim):
-                tok[d] *= inv
+            x8 = vadd(vload(crow, 8 * b, 8), vload(lut, 8 * np.int64(packed_row[b]), 8))
+            vstore(tok, 8 * b, x8)
+            acc8 = vfma(x8, x8, acc8)
+        return vhadd(acc8)
+    acc2 = vsplat(np.float32(0.0), 2)
+    for b in range(nbytes):
+        x2 = vadd(vload(crow, 2 * b, 2), vload(lut, 2 * np.int64(packed_row[b]), 2))
+        vstore(tok, 2 * b, x2)
+        acc2 = vfma(x2, x2, acc2)
+    return vhadd(acc2)
+
+
+@njit(**NJIT)
+def inv_norm(ss):
+    """``1 / sqrt(ss)``, or 1 for a zero vector (left as it is)."""
+    return np.float32(1.0) / np.float32(np.sqrt(ss)) if ss > 0 else np.float32(1.0)
+
+
+@njit(**NJIT)
+def decode_token(code, packed_row, centroids, lut, per, normalize, out, o):
+    """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm."""
+    ss = decode_token_raw(code, packed_row, centroids, lut, per, out, o)
+    if normalize and ss > 0:
+        inv = inv_norm(ss)
+        for d in range(o, o + centroids.shape[1]):
+            out[d] *= inv
 
 
 @njit(**NJIT_PARALLEL)
@@ -293,13 +479,16 @@ def residual_rerank_kernel(
     """``out[r]`` = exact MaxSim of the packed query with decoded document ``ids[r]``.
 
     Each thread decodes a candidate into its own scratch (``max_len`` tokens) and runs the
-    float32 micro-kernel on it; ``NEG`` for an empty document or id -1.
+    float32 micro-kernel on it; ``NEG`` for an empty document or id -1. With ``normalize``
+    the tokens are not rewritten: their inverse norms scale the dot products inside the
+    micro-kernel (same scores, half the decoding time).
     """
     n = ids.shape[0]
     dim = centroids.shape[1]
     nch = min(n, 256)
     for c in prange(nch):
         buf = np.empty(max(max_len, 1) * dim, np.float32)
+        inv = np.ones(max(max_len, 1), np.float32)
         mbuf = np.empty(max(nv, 1) * LANES, np.float32)
         for r in range(c * n // nch, (c + 1) * n // nch):
             doc = ids[r]
@@ -312,14 +501,9 @@ def residual_rerank_kernel(
                 out[r] = NEG
                 continue
             for j in range(s, e):
-                decode_token(
-                    np.int64(codes[j]),
-                    packed[j],
-                    centroids,
-                    lut,
-                    per,
-                    normalize,
-                    buf,
-                    (j - s) * dim,
+                ss = decode_token_raw(
+                    np.int64(codes[j]), packed[j], centroids, lut, per, buf, (j - s) * dim
                 )
-            out[r] = doc_maxsim(qp, 0, nv, nq, dim, buf, 0, e - s, mbuf)
+                if normalize:
+                    inv[j - s] = inv_norm(ss)
+            out[r] = doc_maxsim_scaled(qp, 0, nv, nq, dim, buf, 0, e - s, mbuf, inv, normalize)

@@ -104,46 +104,80 @@ def hamming_probe_kernel(q_words, c_words, n_probe, out):
 
 
 @njit(**NJIT)
-def topn_cols_kernel(t, n, out):
-    """Row ids of the ``n`` largest entries of every column of ``t (K, n_q)`` float32
-    (a query's centroid scores), largest first, ties to the lower id: ``out (n_q, n)``."""
+def topn_cols_kernel(t, n_q, n, out):
+    """Row ids of the ``n`` largest entries of each of the first ``n_q`` columns of
+    ``t (K, W)`` float32 (a query's centroid scores), largest first, ties to the lower id:
+    ``out (n_q, n)``.
+
+    One row-major pass (the table is read once, in order): every column keeps a sorted
+    best-``n`` list and its entry threshold; after the first rows almost every value
+    fails the threshold test, so the pass costs about one compare per entry.
+    """
     k = t.shape[0]
-    n_q = t.shape[1]
-    for i in range(n_q):
-        best_s = np.full(n, -np.inf, np.float32)
-        best_c = np.full(n, -1, np.int64)
-        for c in range(k):
-            s = t[c, i]
-            if best_c[n - 1] < 0 or s > best_s[n - 1]:
-                p = n - 1
-                while p > 0 and (best_c[p - 1] < 0 or best_s[p - 1] < s):
-                    best_s[p] = best_s[p - 1]
-                    best_c[p] = best_c[p - 1]
+    best_s = np.full((n_q, n), -np.inf, np.float32)
+    best_c = np.full((n_q, n), -1, np.int64)
+    thr = np.full(n_q, -np.inf, np.float32)
+    filled = np.zeros(n_q, np.int64)
+    for c in range(k):
+        row = t[c]
+        for i in range(n_q):
+            s = row[i]
+            if s > thr[i] or filled[i] < n:
+                m = filled[i]
+                p = m if m < n else n - 1
+                while p > 0 and best_s[i, p - 1] < s:
+                    best_s[i, p] = best_s[i, p - 1]
+                    best_c[i, p] = best_c[i, p - 1]
                     p -= 1
-                best_s[p] = s
-                best_c[p] = c
+                best_s[i, p] = s
+                best_c[i, p] = c
+                if m < n:
+                    filled[i] = m + 1
+                thr[i] = best_s[i, n - 1] if filled[i] == n else -np.inf
+    for i in range(n_q):
         for p in range(n):
-            out[i, p] = best_c[p]
+            out[i, p] = best_c[i, p]
 
 
 @njit(**NJIT)
-def quantize_table_kernel(t, lo, inv_scale, keep, use_keep, out):
+def table_range_kernel(t, n_q, keep, use_keep):
+    """``(lo, hi)`` over the first ``n_q`` columns of ``t (K, W)``: min and max over every
+    row, or with ``use_keep`` the max over kept rows (``keep[c] != 0``) and the min over
+    all rows (pruned rows are quantised to the bottom, 0). One row-major pass."""
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for c in range(t.shape[0]):
+        row = t[c]
+        rlo = row[0]
+        rhi = row[0]
+        for i in range(1, n_q):  # branch-free: LLVM vectorises min/max reductions
+            rlo = min(rlo, row[i])
+            rhi = max(rhi, row[i])
+        lo = min(lo, rlo)
+        if not use_keep or keep[c] != 0:
+            hi = max(hi, rhi)
+    return lo, hi
+
+
+@njit(**NJIT)
+def quantize_table_kernel(t, n_q, lo, inv_scale, keep, use_keep, out):
     """uint8 code table of one query, lane-padded.
 
-    ``t (K, n_q)`` float32 similarities of the centroids with the query tokens;
-    ``out (K, W)`` uint8 zero-initialised (``W >= n_q``) receives
-    ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0`` (pruned, when
-    ``use_keep``) keeps 0 in every lane, the lowest value.
+    ``t (K, W)`` float32 similarities of the centroids with the query tokens (the first
+    ``n_q`` columns are real); ``out (K, W8)`` uint8 zero-initialised (``W8 >= n_q``)
+    receives ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0``
+    (pruned, when ``use_keep``) keeps 0 in every lane, the lowest value.
     """
     k = t.shape[0]
-    n_q = t.shape[1]
     for c in range(k):
         if use_keep and keep[c] == 0:
             continue
+        row = t[c]
+        orow = out[c]
         for i in range(n_q):
-            v = (t[c, i] - lo) * inv_scale + np.float32(0.5)
+            v = (row[i] - lo) * inv_scale + np.float32(0.5)
             if v < 0:
                 v = 0
             elif v > 255:
                 v = 255
-            out[c, i] = np.uint8(v)
+            orow[i] = np.uint8(v)

@@ -57,10 +57,12 @@ def _prefetch_rows(D1, start, count, limit):
 
 
 @njit(**NJIT)
-def _max2(qp, base, dim, D1, s, e, mbuf, mo):
+def _max2(qp, base, dim, D1, s, e, mbuf, mo, inv, use_inv):
     """Max over document tokens ``s:e`` for the 32 query lanes of vectors at ``base``.
 
     Writes the 32 maxima to ``mbuf[mo:mo+32]``. 4 document tokens x 2 vectors per step.
+    With ``use_inv`` token ``j``'s dot products are multiplied by ``inv[j]`` before the max
+    (scores against L2-normalised tokens without rewriting them: see ``residual_rerank``).
     """
     m0 = vsplat(NEG, 16)
     m1 = vsplat(NEG, 16)
@@ -98,6 +100,19 @@ def _max2(qp, base, dim, D1, s, e, mbuf, mo):
             x = vbroadcast(D1, r3 + d, 16)
             a30 = vfma(qa, x, a30)
             a31 = vfma(qb, x, a31)
+        if use_inv:
+            x = vbroadcast(inv, j, 16)
+            a00 = vfma(a00, x, z)
+            a01 = vfma(a01, x, z)
+            x = vbroadcast(inv, min(j + 1, last), 16)
+            a10 = vfma(a10, x, z)
+            a11 = vfma(a11, x, z)
+            x = vbroadcast(inv, min(j + 2, last), 16)
+            a20 = vfma(a20, x, z)
+            a21 = vfma(a21, x, z)
+            x = vbroadcast(inv, min(j + 3, last), 16)
+            a30 = vfma(a30, x, z)
+            a31 = vfma(a31, x, z)
         m0 = vmax(m0, vmax(vmax(a00, a10), vmax(a20, a30)))
         m1 = vmax(m1, vmax(vmax(a01, a11), vmax(a21, a31)))
         j += 4
@@ -106,7 +121,7 @@ def _max2(qp, base, dim, D1, s, e, mbuf, mo):
 
 
 @njit(**NJIT)
-def _max1(qp, base, dim, D1, s, e, mbuf, mo):
+def _max1(qp, base, dim, D1, s, e, mbuf, mo, inv, use_inv):
     """Like :func:`_max2` for one vector of 16 query lanes (8 document tokens per step)."""
     m0 = vsplat(NEG, 16)
     last = e - 1
@@ -141,6 +156,15 @@ def _max1(qp, base, dim, D1, s, e, mbuf, mo):
             a5 = vfma(qa, vbroadcast(D1, r5 + d, 16), a5)
             a6 = vfma(qa, vbroadcast(D1, r6 + d, 16), a6)
             a7 = vfma(qa, vbroadcast(D1, r7 + d, 16), a7)
+        if use_inv:
+            a0 = vfma(a0, vbroadcast(inv, j, 16), z)
+            a1 = vfma(a1, vbroadcast(inv, min(j + 1, last), 16), z)
+            a2 = vfma(a2, vbroadcast(inv, min(j + 2, last), 16), z)
+            a3 = vfma(a3, vbroadcast(inv, min(j + 3, last), 16), z)
+            a4 = vfma(a4, vbroadcast(inv, min(j + 4, last), 16), z)
+            a5 = vfma(a5, vbroadcast(inv, min(j + 5, last), 16), z)
+            a6 = vfma(a6, vbroadcast(inv, min(j + 6, last), 16), z)
+            a7 = vfma(a7, vbroadcast(inv, min(j + 7, last), 16), z)
         m0 = vmax(m0, vmax(vmax(vmax(a0, a1), vmax(a2, a3)), vmax(vmax(a4, a5), vmax(a6, a7))))
         j += 8
     vstore(mbuf, mo, m0)
@@ -153,13 +177,20 @@ def doc_maxsim(qp, qv0, nv, nq, dim, D1, s, e, mbuf):
     ``qv0``: first vector of the query in ``qp``; ``nv`` vectors, ``nq`` real tokens;
     ``mbuf``: float32 scratch of at least ``nv * 16``. Requires ``e > s``.
     """
+    return doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, mbuf, False)
+
+
+@njit(**NJIT)
+def doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, inv, use_inv):
+    """:func:`doc_maxsim` where, with ``use_inv``, token ``j`` counts as ``inv[j] * D1[j]``
+    (``inv`` indexed like the tokens: ``inv[s:e]``)."""
     stride = dim * LANES
     v = 0
     while v + 2 <= nv:
-        _max2(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES)
+        _max2(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
         v += 2
     if v < nv:
-        _max1(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES)
+        _max1(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
     t = np.float32(0.0)
     for i in range(nq):
         t += mbuf[i]

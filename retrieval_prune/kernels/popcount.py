@@ -160,6 +160,49 @@ def vbroadcast(typingctx, arr, idx, lanes):
     return sig, codegen
 
 
+def _check_f32_source(arr, name):
+    dt = arr.dtype
+    if not (dt == types.float32 or (isinstance(dt, types.Integer) and dt.signed)):
+        raise errors.TypingError(f"{name} reads float32 or signed integers, got {dt}")
+
+
+@intrinsic
+def vload_f32(typingctx, arr, idx, lanes):
+    """``arr.flat[idx:idx+lanes]`` as a float32 vector: a float32 array is loaded as it is,
+    a signed integer one (int8 codebooks) with one narrow load and one conversion
+    (``vpmovsx`` + ``vcvtdq2ps``), so one kernel body serves both codebook precisions."""
+    n = _lanes(lanes)
+    _check_f32_source(arr, "vload_f32")
+    sig = Vec(types.float32, n)(arr, idx, lanes)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        it = ir.VectorType(context.get_value_type(sig.args[0].dtype), n)
+        v = builder.load(builder.bitcast(p, it.as_pointer()), align=1)
+        if sig.args[0].dtype == types.float32:
+            return v
+        return builder.sitofp(v, ir.VectorType(ir.FloatType(), n))
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast_f32(typingctx, arr, idx, lanes):
+    """``float32(arr.flat[idx])`` in every lane (float32 or signed integer ``arr``)."""
+    n = _lanes(lanes)
+    _check_f32_source(arr, "vbroadcast_f32")
+    sig = Vec(types.float32, n)(arr, idx, lanes)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        x = builder.load(p)
+        if sig.args[0].dtype != types.float32:
+            x = builder.sitofp(x, ir.FloatType())
+        return _splat(builder, x, n)
+
+    return sig, codegen
+
+
 @intrinsic
 def vsplat(typingctx, x, lanes):
     """Scalar ``x`` in every lane (the vector has ``x``'s type)."""
