@@ -272,11 +272,15 @@ class StagedIndex(CompressedIndex):
             "off": off,
             "codes": codes,
             "centroids": cent,
-            # the table kernel can read an int8 codebook (use_scale), but converting each
-            # broadcast scalar made it 1.7x slower with the codebook in cache and only 7 %
-            # faster out of cache (scripts/stage_profile.py --pollute-mb): float32 it is
-            "table_source": cent.reshape(-1),
-            "table_scale": np.zeros(0, np.float32),
+            # the table kernel reads the int8 codebook when there is one (a quarter of the
+            # bytes: what a search that finds the codebook out of cache waits on)
+            "table_source": (
+                codec._centroids_i8.reshape(-1) if codec._centroids_i8 is not None else cent.reshape(-1)
+            ),
+            "table_scale": (
+                np.ascontiguousarray(codec.centroid_scale_, np.float32)
+                if codec._centroids_i8 is not None else np.zeros(0, np.float32)
+            ),
             "list_off": list_off,
             "list_docs": list_docs,
             "max_len": int(lens.max()) if lens.size else 0,
