@@ -59,6 +59,8 @@ def test_build_ivf_matches_numpy():
 def test_topn_and_hamming_probe_match_numpy():
     rng = np.random.default_rng(1)
     t = rng.standard_normal((50, 16)).astype(np.float32)  # 7 real columns, 9 of padding
+    # (16 wide: the vector path; the first n rows fill the lists, later ones pass a
+    # threshold compare per 16 lanes)
     t[:, 7:] = 100.0  # padding columns must never be read
     t[3, 2] = t[4, 2] = t[:, 2].max() + 1  # a tie at the top: lower id first
     t[10:14, 5] = 5.0  # a four-way tie across the cut of the top 3
@@ -215,6 +217,84 @@ def test_centroid_table_kernel_matches_numpy_float32_and_int8():
         c8, scale = _quantize_int8(c)
         centroid_table_kernel(qp, nv, dim, c8.reshape(-1), scale, True, k, out.reshape(-1))
         np.testing.assert_allclose(out[:, :n_q], _dequantize_int8(c8, scale) @ q.T, rtol=1e-5, atol=1e-4)
+
+
+def _int8_table_inputs(rng, n_q, k, dim):
+    from retrieval_prune.compress.kmeans import _quantize_int8
+    from retrieval_prune.index.ops import _pack
+
+    q = rng.standard_normal((n_q, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    c8, scale = _quantize_int8(rng.standard_normal((k, dim)).astype(np.float32))
+    qp = _pack(q, np.array([0, n_q], np.int64))[0]
+    corr = (-128 * c8.astype(np.int32).sum(axis=1)).astype(np.int32)
+    return q, qp, c8, scale, corr
+
+
+@pytest.mark.parametrize("n_q,k,dim", [(32, 1030, 128), (5, 7, 24), (17, 300, 64), (48, 515, 128)])
+def test_int8_score_table_matches_numpy_and_is_the_same_on_every_cpu(n_q, k, dim):
+    """int8 x int8 table: the query quantised per token (max |q| -> 127), products summed
+    exactly; the VNNI kernel (where the CPU has it) and the portable one agree bit for bit."""
+    from retrieval_prune.kernels import codes as ck
+    from retrieval_prune.kernels.popcount import HAS_VNNI
+
+    rng = np.random.default_rng(n_q + k)
+    q, qp, c8, scale, corr = _int8_table_inputs(rng, n_q, k, dim)
+    nv = -(-n_q // 16)
+    q8f, qs = np.empty_like(qp), np.empty(nv * 16, np.float32)
+    qu = np.empty(qp.size, np.uint8)
+    ck.quantize_query_i8(qp, nv, dim, q8f, qu, qs)
+    s_ref = np.abs(q).max(axis=1) / np.float32(127.0)
+    np.testing.assert_allclose(qs[:n_q], s_ref, rtol=1e-6)
+    assert np.all(qs[n_q:] == 0)
+    q8 = np.rint(q / s_ref[:, None])
+    assert np.abs(q8).max() <= 127
+    dots = c8.astype(np.int64) @ q8.astype(np.int64).T  # exact integers
+    want = dots.astype(np.float32) * (qs[None, :n_q] * scale[:, None])
+    portable = np.full((k, nv * 16), np.nan, np.float32)
+    ck.centroid_table_i8_kernel(q8f, nv, dim, c8.reshape(-1), qs, scale, k, portable.reshape(-1))
+    np.testing.assert_allclose(portable[:, :n_q], want, rtol=1e-6, atol=1e-6)
+    assert np.all(portable[:, n_q:] == 0)
+    # the approximation itself: within the query's quantisation step of the float table
+    exact = (c8.astype(np.float32) * scale[:, None]) @ q.T
+    bound = 0.5 * qs[None, :n_q] * (np.abs(c8).astype(np.float32) * scale[:, None]).sum(1)[:, None]
+    assert np.all(np.abs(portable[:, :n_q] - exact) <= bound + 1e-6)
+    dispatched = np.full_like(portable, np.nan)
+    ck.centroid_table_i8(qp, nv, dim, c8.reshape(-1), corr, scale, k, dispatched.reshape(-1))
+    np.testing.assert_array_equal(dispatched, portable)
+    if HAS_VNNI and dim % 4 == 0:
+        vnni = np.full_like(portable, np.nan)
+        ck.centroid_table_i8_vnni_kernel(qu, nv, dim, c8.reshape(-1), corr, qs, scale, k, vnni.reshape(-1))
+        np.testing.assert_array_equal(vnni, portable)
+
+
+def test_table_range_and_quantize_vector_paths_match_numpy():
+    rng = np.random.default_rng(9)
+    for n_q, w in [(32, 32), (20, 32), (7, 16), (33, 48)]:
+        t = np.zeros((301, w), np.float32)
+        t[:, :n_q] = rng.standard_normal((301, n_q))
+        t[:, n_q:] = 50.0  # padding columns must never be read
+        none = np.zeros(1, np.uint8)
+        lo, hi = K.table_range_kernel(t, n_q, none, False)
+        assert (lo, hi) == (t[:, :n_q].min(), t[:, :n_q].max())
+        keep = (rng.random(301) > 0.4).astype(np.uint8)
+        lo2, hi2 = K.table_range_kernel(t, n_q, keep, True)
+        assert (lo2, hi2) == (t[:, :n_q].min(), t[keep != 0, :n_q].max())
+        inv = np.float32(255.0 / (hi - lo))
+        w8 = -(-n_q // 32) * 32
+        for use_keep in (False, True):
+            out = np.zeros((301, w8), np.uint8)
+            K.quantize_table_kernel(t, n_q, np.float32(lo), inv, keep, use_keep, out)
+            want = np.clip((t[:, :n_q] - np.float32(lo)) * inv + np.float32(0.5), 0, 255).astype(np.uint8)
+            if use_keep:
+                want[keep == 0] = 0
+            assert np.abs(out[:, :n_q].astype(int) - want).max() <= 1  # fused multiply-add rounding
+            assert np.all(out[:, n_q:] == 0)
+        # lane-padded and unpadded tables probe alike
+        a, b = np.empty((n_q, 4), np.int64), np.empty((n_q, 4), np.int64)
+        K.topn_cols_kernel(t, n_q, 4, a)
+        K.topn_cols_kernel(np.ascontiguousarray(t[:, :n_q]), n_q, 4, b)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_int8_centroids_round_trip_and_default_uses_them(tmp_path):

@@ -225,9 +225,10 @@ def test_code_validation():
 # ---- residuals ------------------------------------------------------------------------
 @pytest.mark.parametrize("nbits", [1, 2, 4])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_residual_decode_and_rerank_vs_naive(nbits, normalize):
-    rng = np.random.default_rng(nbits * 10 + normalize)
-    dim, K = 32, 16
+@pytest.mark.parametrize("dim", [32, 24])  # 16-lane decode, and the per-byte one (24 % 16)
+def test_residual_decode_and_rerank_vs_naive(nbits, normalize, dim):
+    rng = np.random.default_rng(nbits * 10 + normalize + dim)
+    K = 16
     cent = rng.standard_normal((K, dim)).astype(np.float32)
     bv = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.1
     lengths = LENGTHS
@@ -250,6 +251,42 @@ def test_residual_decode_and_rerank_vs_naive(nbits, normalize):
     # all documents when cand_ids is None
     allv = ops.maxsim_residual_rerank(q, codes, packed, off, cent, bv, nbits, None, normalize)
     assert allv.shape == (len(lengths),)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("dim", [32, 24])
+def test_rerank_from_int8_codebook_equals_dequantised(nbits, dim):
+    """The rerank kernel decoding int8 codebook rows (times their scale) scores exactly as
+    it does on the dequantised float32 codebook."""
+    from retrieval_prune.compress.kmeans import _dequantize_int8, _quantize_int8
+    from retrieval_prune.index.ops import _pack
+    from retrieval_prune.kernels.codes import residual_rerank_kernel
+
+    rng = np.random.default_rng(nbits + dim)
+    c8, scale = _quantize_int8(rng.standard_normal((16, dim)).astype(np.float32))
+    cent = _dequantize_int8(c8, scale)
+    per = 8 // nbits
+    bv = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.1
+    lut = np.ascontiguousarray(bv[np.arange(256)[:, None] >> (np.arange(per) * nbits) & ((1 << nbits) - 1)])
+    off = np.zeros(len(LENGTHS) + 1, np.int64)
+    np.cumsum(LENGTHS, out=off[1:])
+    n = int(off[-1])
+    codes = rng.integers(0, 16, n).astype(np.uint8)
+    packed = rng.integers(0, 256, (n, dim * nbits // 8)).astype(np.uint8)
+    q = rng.standard_normal((20, dim)).astype(np.float32)
+    qp = _pack(q, np.array([0, 20], np.int64))[0]
+    ids = np.arange(len(LENGTHS), dtype=np.int64)
+    max_len = int(max(LENGTHS))
+    outs = []
+    for src, sc, use in ((cent.reshape(-1), np.zeros(0, np.float32), False), (c8.reshape(-1), scale, True)):
+        out = np.empty(ids.size, np.float32)
+        residual_rerank_kernel(qp, 2, 20, codes, packed, src, sc, use, dim, lut, per, True, off, ids,
+                               max_len, out)  # fmt: skip
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = naive.maxsim_scores(q, naive.residual_decode(codes, packed, cent, bv, nbits, normalize=True), off)
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(outs[1][fin], ref[fin], rtol=1e-5, atol=1e-4)
 
 
 def test_residual_validation():

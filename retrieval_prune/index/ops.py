@@ -595,8 +595,9 @@ def maxsim_residual_rerank(
     if out.size:
         max_len = int(np.diff(off).max()) if n_docs else 0
         _codes_k.residual_rerank_kernel(
-            qp, nv, nq, c, p, cent, lut, per, bool(normalize), off, ids, max_len, out
-        )
+            qp, nv, nq, c, p, cent.reshape(-1), np.zeros(0, np.float32), False, cent.shape[1],
+            lut, per, bool(normalize), off, ids, max_len, out,
+        )  # fmt: skip
         out[(ids < 0) | (off[ids + 1] == off[ids])] = -np.inf
     return out
 

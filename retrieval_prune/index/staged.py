@@ -272,14 +272,20 @@ class StagedIndex(CompressedIndex):
             "off": off,
             "codes": codes,
             "centroids": cent,
-            # the table kernel reads the int8 codebook when there is one (a quarter of the
-            # bytes: what a search that finds the codebook out of cache waits on)
-            "table_source": (
+            # the table and rerank kernels read the int8 codebook when there is one (a
+            # quarter of the bytes: what a search that finds the codebook out of cache
+            # waits on); the float32 "centroids" stay for the other stages' callers
+            "codebook": (
                 codec._centroids_i8.reshape(-1) if codec._centroids_i8 is not None else cent.reshape(-1)
             ),
-            "table_scale": (
+            "codebook_scale": (
                 np.ascontiguousarray(codec.centroid_scale_, np.float32)
                 if codec._centroids_i8 is not None else np.zeros(0, np.float32)
+            ),
+            # -128 * row sums of the int8 codebook: the VNNI table kernel's offset correction
+            "codebook_corr": (
+                -128 * codec._centroids_i8.astype(np.int32).sum(axis=1, dtype=np.int32)
+                if codec._centroids_i8 is not None else np.zeros(0, np.int32)
             ),
             "list_off": list_off,
             "list_docs": list_docs,
@@ -343,16 +349,26 @@ class StagedIndex(CompressedIndex):
     def _score_table(self, cache, qp: np.ndarray) -> np.ndarray:
         """Stage 1: ``float32 (K, W)`` centroid scores of one packed query (``qp``, 16-lane
         vectors as :func:`~retrieval_prune.index.ops._pack` makes them); column ``i < n_q``
-        is query token ``i``, the padding columns are 0."""
+        is query token ``i``, the padding columns are 0.
+
+        With an int8 codebook the query is quantised to int8 per token too and the table
+        is an int8 x int8 product (AVX-512 VNNI where the CPU has it, the same numbers
+        without): it only ranks centroids and candidates, the rerank reads the float query."""
         cent = cache["centroids"]
         n_c, dim = cent.shape
         nv = qp.size // (dim * _LANES_F32)
         out = np.empty((n_c, nv * _LANES_F32), np.float32)
         with _numba_threads(float(n_c) * nv * _LANES_F32 * dim):
-            _codes_k.centroid_table_kernel(
-                qp, nv, dim, cache["table_source"], cache["table_scale"],
-                cache["table_scale"].size > 0, n_c, out.reshape(-1),
-            )  # fmt: skip
+            if cache["codebook_scale"].size > 0:
+                _codes_k.centroid_table_i8(
+                    qp, nv, dim, cache["codebook"], cache["codebook_corr"],
+                    cache["codebook_scale"], n_c, out.reshape(-1),
+                )  # fmt: skip
+            else:
+                _codes_k.centroid_table_kernel(
+                    qp, nv, dim, cache["codebook"], cache["codebook_scale"], False, n_c,
+                    out.reshape(-1),
+                )  # fmt: skip
         return out
 
     def _search_one(self, cache, table, q, qp, k, alive, mark, stamp, buf):
@@ -399,11 +415,8 @@ class StagedIndex(CompressedIndex):
         ``table (K, W)``: score table whose first ``n_q`` columns are the query tokens."""
         use_keep = keep is not None
         keep_arr = keep if use_keep else np.zeros(1, np.uint8)
-        if use_keep:
-            lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
-        else:  # numpy's SIMD reductions (3x the kernel's speed) over the real columns
-            t = table if table.shape[1] == n_q else table[:, :n_q]
-            lo, hi = t.min(), t.max()
+        # one pass; on the lane-padded table, vector minima/maxima of the real columns
+        lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
         lo, hi = float(lo), float(hi)
         if not np.isfinite(hi):  # every row pruned
             hi = lo
@@ -455,7 +468,8 @@ class StagedIndex(CompressedIndex):
             with _numba_threads(self._work(cache, cand, q.shape[0], q.shape[1])):
                 _codes_k.residual_rerank_kernel(
                     qp, nv, int(q.shape[0]), cache["codes"], cache["packed"],
-                    cache["centroids"], cache["lut"], cache["per"], bool(codec.normalize),
+                    cache["codebook"], cache["codebook_scale"], cache["codebook_scale"].size > 0,
+                    q.shape[1], cache["lut"], cache["per"], bool(codec.normalize),
                     cache["off"], cand, cache["max_len"], out,
                 )  # fmt: skip
         else:

@@ -37,13 +37,19 @@ from numba import njit, prange
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import LANES, NEG, doc_maxsim_scaled
 from .popcount import (
+    HAS_VNNI,
     load_u64,
     vadd,
     vbroadcast_f32,
+    vbroadcast_i32,
+    vconcat,
+    vcvt_f32,
+    vdpbusd,
     vfma,
     vhadd,
     vload,
     vload_f32,
+    vload_i32,
     vmax,
     vsplat,
     vstore,
@@ -218,6 +224,202 @@ def centroid_table_kernel(qp, nv, dim, C1, scale, use_scale, n_centroids, out):
                 b0 = b1
         else:
             _table_block(qp, nv, dim, C1, c0, c1, out, W)
+
+
+# --------------------------------------------------------------------------------------
+# the score table from int8 x int8 (int8 codebook, query quantised per token)
+# --------------------------------------------------------------------------------------
+@njit(**NJIT)
+def quantize_query_i8(qp, nv, dim, q8f, qu, qs):
+    """Quantise a packed query per token: ``qs[l] = max_d |q[l, d]| / 127`` and
+    ``q8 = rint(q / qs)`` in [-127, 127] (0 for a zero token, so padding stays 0).
+
+    Writes ``q8f`` (float32, the packed layout of ``qp``: the portable table kernel's
+    input) and, when ``qu`` is not empty, ``qu`` = ``q8 + 128`` as uint8 in the VNNI
+    layout ``(nv, dim / 4, 16, 4)``: 16 tokens x 4 consecutive dimensions per 64 bytes."""
+    vnni = qu.shape[0] > 0
+    for v in range(nv):
+        base = v * dim * LANES
+        for lane in range(LANES):
+            m = np.float32(0.0)
+            for d in range(dim):
+                m = max(m, abs(qp[base + d * LANES + lane]))
+            s = m / np.float32(127.0)
+            qs[v * LANES + lane] = s
+            inv = np.float32(1.0) / s if m > 0 else np.float32(0.0)
+            for d in range(dim):
+                x = np.rint(qp[base + d * LANES + lane] * inv)
+                q8f[base + d * LANES + lane] = x
+                if vnni:
+                    qu[base + (d >> 2) * 64 + lane * 4 + (d & 3)] = np.uint8(np.int32(x) + 128)
+
+
+@njit(**NJIT)
+def _scaled(acc, m):
+    """``float32(acc) * m`` for an integer-valued float32 accumulator."""
+    return vfma(acc, m, vsplat(np.float32(0.0), 16))
+
+
+@njit(**NJIT)
+def _scale_rows(out, W, c0, c1, qs, scale):
+    """``out[c, l] *= qs[l] * scale[c]`` for rows ``c0:c1`` (the portable int8 table)."""
+    for c in range(c0, c1):
+        sc = vsplat(scale[c], 16)
+        for g in range(0, W, LANES):
+            m = vfma(vload(qs, g, 16), sc, vsplat(np.float32(0.0), 16))
+            vstore(out, c * W + g, _scaled(vload(out, c * W + g, 16), m))
+
+
+@njit(**NJIT_PARALLEL)
+def centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out):
+    """Portable int8 score table: ``out[c, l] = (sum_d q8[l, d] * C8[c, d]) * qs[l] *
+    scale[c]``. The integer dot products run on the float32 micro-kernel (exact: every
+    partial sum is an integer below 2**24), so this equals
+    :func:`centroid_table_i8_vnni_kernel` bit for bit."""
+    W = nv * LANES
+    nch = max(1, min(64, n_centroids // 256))
+    for ch in prange(nch):
+        c0 = ch * n_centroids // nch
+        c1 = (ch + 1) * n_centroids // nch
+        b0 = c0
+        while b0 < c1:
+            b1 = min(b0 + _TABLE_BLOCK, c1)
+            _table_block(q8f, nv, dim, C8, b0, b1, out, W)
+            _scale_rows(out, W, b0, b1, qs, scale)
+            b0 = b1
+
+
+@njit(**NJIT)
+def _store_i8(out, o, acc, corr, m):
+    vstore(out, o, _scaled(vcvt_f32(vadd(acc, corr)), m))
+
+
+@njit(**NJIT)
+def _i8_rows2(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
+    """VNNI micro-kernel: 4 centroids x 32 query tokens per step, 8 int32 accumulators,
+    one ``vpdpbusd`` per 4 dimensions of one centroid and 16 tokens."""
+    b1 = base + dim * LANES
+    z = vsplat(np.int32(0), 16)
+    zf = vsplat(np.float32(0.0), 16)
+    qa_s = vload(qs, col, 16)
+    qb_s = vload(qs, col + LANES, 16)
+    c = c0
+    while c < c1:
+        n = min(4, c1 - c)
+        r0 = c * dim
+        r1 = r0 + dim if n > 1 else r0
+        r2 = r0 + 2 * dim if n > 2 else r0
+        r3 = r0 + 3 * dim if n > 3 else r0
+        a00 = z
+        a01 = z
+        a10 = z
+        a11 = z
+        a20 = z
+        a21 = z
+        a30 = z
+        a31 = z
+        for t in range(0, dim, 4):
+            qa = vload_i32(qu, base + t * LANES)
+            qb = vload_i32(qu, b1 + t * LANES)
+            x = vbroadcast_i32(C8, r0 + t)
+            a00 = vdpbusd(a00, qa, x)
+            a01 = vdpbusd(a01, qb, x)
+            x = vbroadcast_i32(C8, r1 + t)
+            a10 = vdpbusd(a10, qa, x)
+            a11 = vdpbusd(a11, qb, x)
+            x = vbroadcast_i32(C8, r2 + t)
+            a20 = vdpbusd(a20, qa, x)
+            a21 = vdpbusd(a21, qb, x)
+            x = vbroadcast_i32(C8, r3 + t)
+            a30 = vdpbusd(a30, qa, x)
+            a31 = vdpbusd(a31, qb, x)
+        o = c * W + col
+        k = vsplat(corr[c], 16)
+        sc = vsplat(scale[c], 16)
+        _store_i8(out, o, a00, k, vfma(qa_s, sc, zf))
+        _store_i8(out, o + LANES, a01, k, vfma(qb_s, sc, zf))
+        if n > 1:
+            k = vsplat(corr[c + 1], 16)
+            sc = vsplat(scale[c + 1], 16)
+            _store_i8(out, o + W, a10, k, vfma(qa_s, sc, zf))
+            _store_i8(out, o + W + LANES, a11, k, vfma(qb_s, sc, zf))
+        if n > 2:
+            k = vsplat(corr[c + 2], 16)
+            sc = vsplat(scale[c + 2], 16)
+            _store_i8(out, o + 2 * W, a20, k, vfma(qa_s, sc, zf))
+            _store_i8(out, o + 2 * W + LANES, a21, k, vfma(qb_s, sc, zf))
+        if n > 3:
+            k = vsplat(corr[c + 3], 16)
+            sc = vsplat(scale[c + 3], 16)
+            _store_i8(out, o + 3 * W, a30, k, vfma(qa_s, sc, zf))
+            _store_i8(out, o + 3 * W + LANES, a31, k, vfma(qb_s, sc, zf))
+        c += 4
+
+
+@njit(**NJIT)
+def _i8_rows1(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
+    """:func:`_i8_rows2` for one vector of 16 query tokens (4 centroids per step)."""
+    z = vsplat(np.int32(0), 16)
+    zf = vsplat(np.float32(0.0), 16)
+    qa_s = vload(qs, col, 16)
+    c = c0
+    while c < c1:
+        n = min(4, c1 - c)
+        r0 = c * dim
+        r1 = r0 + dim if n > 1 else r0
+        r2 = r0 + 2 * dim if n > 2 else r0
+        r3 = r0 + 3 * dim if n > 3 else r0
+        a0 = z
+        a1 = z
+        a2 = z
+        a3 = z
+        for t in range(0, dim, 4):
+            qa = vload_i32(qu, base + t * LANES)
+            a0 = vdpbusd(a0, qa, vbroadcast_i32(C8, r0 + t))
+            a1 = vdpbusd(a1, qa, vbroadcast_i32(C8, r1 + t))
+            a2 = vdpbusd(a2, qa, vbroadcast_i32(C8, r2 + t))
+            a3 = vdpbusd(a3, qa, vbroadcast_i32(C8, r3 + t))
+        o = c * W + col
+        accs = (a0, a1, a2, a3)
+        for i in range(4):
+            if i < n:
+                m = vfma(qa_s, vsplat(scale[c + i], 16), zf)
+                _store_i8(out, o + i * W, accs[i], vsplat(corr[c + i], 16), m)
+        c += 4
+
+
+@njit(**NJIT_PARALLEL)
+def centroid_table_i8_vnni_kernel(qu, nv, dim, C8, corr, qs, scale, n_centroids, out):
+    """:func:`centroid_table_i8_kernel` with AVX-512 VNNI (only where ``HAS_VNNI``):
+    ``vpdpbusd`` multiplies the unsigned ``q8 + 128`` by the signed codebook bytes, and
+    ``corr[c] = -128 * sum_d C8[c, d]`` takes the offset back out; ``dim % 4 == 0``.
+    4x the multiply-adds of a float32 FMA per instruction."""
+    W = nv * LANES
+    nch = max(1, min(64, n_centroids // 256))
+    for ch in prange(nch):
+        c0 = ch * n_centroids // nch
+        c1 = (ch + 1) * n_centroids // nch
+        v = 0
+        while v + 2 <= nv:
+            _i8_rows2(qu, v * dim * LANES, dim, C8, corr, qs, scale, c0, c1, out, W, v * LANES)
+            v += 2
+        if v < nv:
+            _i8_rows1(qu, v * dim * LANES, dim, C8, corr, qs, scale, c0, c1, out, W, v * LANES)
+
+
+def centroid_table_i8(qp, nv, dim, C8, corr, scale, n_centroids, out):
+    """Score table of a packed query against an int8 codebook, with the query quantised
+    per token (:func:`quantize_query_i8`): the VNNI kernel where the host has AVX-512
+    VNNI, else the portable one; both give the same float32 table."""
+    q8f = np.empty_like(qp)
+    qs = np.empty(nv * LANES, np.float32)
+    vnni = HAS_VNNI and dim % 4 == 0
+    qu = np.empty(qp.size if vnni else 0, np.uint8)
+    quantize_query_i8(qp, nv, dim, q8f, qu, qs)
+    if vnni:
+        centroid_table_i8_vnni_kernel(qu, nv, dim, C8, corr, qs, scale, n_centroids, out)
+    else:
+        centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,34 +624,82 @@ def code_search_kernel(
 # residuals
 # --------------------------------------------------------------------------------------
 @njit(**NJIT)
-def decode_token_raw(code, packed_row, centroids, lut, per, out, o):
+def _lut16(lut, row, g, per):
+    """Bucket values of dimensions ``16g .. 16g+15`` as one vector: the per-byte rows of
+    ``lut`` (``per`` values each) of the bytes that hold them, concatenated."""
+    if per == 4:
+        b = 4 * g
+        return vconcat(
+            vconcat(vload(lut, 4 * np.int64(row[b]), 4), vload(lut, 4 * np.int64(row[b + 1]), 4)),
+            vconcat(vload(lut, 4 * np.int64(row[b + 2]), 4), vload(lut, 4 * np.int64(row[b + 3]), 4)),
+        )
+    if per == 8:
+        b = 2 * g
+        return vconcat(vload(lut, 8 * np.int64(row[b]), 8), vload(lut, 8 * np.int64(row[b + 1]), 8))
+    b = 8 * g
+    lo = vconcat(
+        vconcat(vload(lut, 2 * np.int64(row[b]), 2), vload(lut, 2 * np.int64(row[b + 1]), 2)),
+        vconcat(vload(lut, 2 * np.int64(row[b + 2]), 2), vload(lut, 2 * np.int64(row[b + 3]), 2)),
+    )
+    hi = vconcat(
+        vconcat(vload(lut, 2 * np.int64(row[b + 4]), 2), vload(lut, 2 * np.int64(row[b + 5]), 2)),
+        vconcat(vload(lut, 2 * np.int64(row[b + 6]), 2), vload(lut, 2 * np.int64(row[b + 7]), 2)),
+    )
+    return vconcat(lo, hi)
+
+
+@njit(**NJIT)
+def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out, o):
     """Decode one token into ``out[o:o+dim]`` (centroid + bucket values, not normalised);
     returns its squared L2 norm, accumulated in registers while decoding (re-reading the
     token would load wide vectors over narrow stores: a store-forwarding stall each).
 
-    One packed byte holds ``per = 8 / nbits`` dimensions; ``lut[v]`` holds their ``per``
-    bucket values, so a byte is one ``per``-lane vector load + add + store.
+    ``src``: the codebook flattened, float32, or int8 with ``use_scale`` (row ``c`` is
+    ``scale[c] * src[c]``, the same product the dequantised codebook holds, so both decode
+    alike; int8 rows are a quarter of the bytes to fetch). One packed byte holds ``per =
+    8 / nbits`` dimensions and ``lut[v]`` their ``per`` bucket values: with ``dim % 16 ==
+    0`` the rows of 16 dimensions' bytes are concatenated into one 16-lane vector (one
+    add, store and norm update per 16 dimensions), else a byte is one ``per``-lane step.
     """
+    base = code * dim
+    zero = vsplat(np.float32(0.0), 16)
+    s1 = scale[code] if use_scale else np.float32(1.0)
+    sc = vsplat(s1, 16)
+    if dim % 16 == 0:
+        acc = zero
+        for g in range(dim // 16):
+            c = vload_f32(src, base + 16 * g, 16)
+            if use_scale:
+                c = vfma(c, sc, zero)
+            x = vadd(c, _lut16(lut, packed_row, g, per))
+            vstore(out, o + 16 * g, x)
+            acc = vfma(x, x, acc)
+        return vhadd(acc)
     nbytes = packed_row.shape[0]
-    crow = centroids[code]
-    tok = out[o : o + centroids.shape[1]]
+    tok = out[o : o + dim]
     if per == 4:
         acc4 = vsplat(np.float32(0.0), 4)
+        s4 = vsplat(s1, 4)
         for b in range(nbytes):
-            x4 = vadd(vload(crow, 4 * b, 4), vload(lut, 4 * np.int64(packed_row[b]), 4))
+            c4 = vfma(vload_f32(src, base + 4 * b, 4), s4, vsplat(np.float32(0.0), 4))
+            x4 = vadd(c4, vload(lut, 4 * np.int64(packed_row[b]), 4))
             vstore(tok, 4 * b, x4)
             acc4 = vfma(x4, x4, acc4)
         return vhadd(acc4)
     if per == 8:
         acc8 = vsplat(np.float32(0.0), 8)
+        s8 = vsplat(s1, 8)
         for b in range(nbytes):
-            x8 = vadd(vload(crow, 8 * b, 8), vload(lut, 8 * np.int64(packed_row[b]), 8))
+            c8 = vfma(vload_f32(src, base + 8 * b, 8), s8, vsplat(np.float32(0.0), 8))
+            x8 = vadd(c8, vload(lut, 8 * np.int64(packed_row[b]), 8))
             vstore(tok, 8 * b, x8)
             acc8 = vfma(x8, x8, acc8)
         return vhadd(acc8)
     acc2 = vsplat(np.float32(0.0), 2)
+    s2 = vsplat(s1, 2)
     for b in range(nbytes):
-        x2 = vadd(vload(crow, 2 * b, 2), vload(lut, 2 * np.int64(packed_row[b]), 2))
+        c2 = vfma(vload_f32(src, base + 2 * b, 2), s2, vsplat(np.float32(0.0), 2))
+        x2 = vadd(c2, vload(lut, 2 * np.int64(packed_row[b]), 2))
         vstore(tok, 2 * b, x2)
         acc2 = vfma(x2, x2, acc2)
     return vhadd(acc2)
@@ -464,7 +714,11 @@ def inv_norm(ss):
 @njit(**NJIT)
 def decode_token(code, packed_row, centroids, lut, per, normalize, out, o):
     """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm."""
-    ss = decode_token_raw(code, packed_row, centroids, lut, per, out, o)
+    dim = centroids.shape[1]
+    ss = decode_token_raw(
+        code, packed_row, centroids.reshape(-1), np.zeros(0, np.float32), False, dim, lut, per,
+        out, o,
+    )  # fmt: skip
     if normalize and ss > 0:
         inv = inv_norm(ss)
         for d in range(o, o + centroids.shape[1]):
@@ -482,17 +736,18 @@ def residual_decode_kernel(codes, packed, centroids, lut, per, normalize, out):
 
 @njit(**NJIT_PARALLEL)
 def residual_rerank_kernel(
-    qp, nv, nq, codes, packed, centroids, lut, per, normalize, d_off, ids, max_len, out
-):
+    qp, nv, nq, codes, packed, src, scale, use_scale, dim, lut, per, normalize, d_off, ids,
+    max_len, out,
+):  # fmt: skip
     """``out[r]`` = exact MaxSim of the packed query with decoded document ``ids[r]``.
 
     Each thread decodes a candidate into its own scratch (``max_len`` tokens) and runs the
-    float32 micro-kernel on it; ``NEG`` for an empty document or id -1. With ``normalize``
+    float32 micro-kernel on it; ``NEG`` for an empty document or id -1. The codebook is
+    ``src``/``scale``/``use_scale`` as in :func:`decode_token_raw`. With ``normalize``
     the tokens are not rewritten: their inverse norms scale the dot products inside the
     micro-kernel (same scores; rewriting them after decoding measured 1.7x slower here).
     """
     n = ids.shape[0]
-    dim = centroids.shape[1]
     nch = min(n, 256)
     for c in prange(nch):
         buf = np.empty(max(max_len, 1) * dim, np.float32)
@@ -510,8 +765,9 @@ def residual_rerank_kernel(
                 continue
             for j in range(s, e):
                 ss = decode_token_raw(
-                    np.int64(codes[j]), packed[j], centroids, lut, per, buf, (j - s) * dim
-                )
+                    np.int64(codes[j]), packed[j], src, scale, use_scale, dim, lut, per, buf,
+                    (j - s) * dim,
+                )  # fmt: skip
                 if normalize:
                     inv[j - s] = inv_norm(ss)
             out[r] = doc_maxsim_scaled(qp, 0, nv, nq, dim, buf, 0, e - s, mbuf, inv, normalize)

@@ -28,7 +28,10 @@ import numpy as np
 from numba import njit
 
 from ._config import NJIT
-from .popcount import popcount
+from .popcount import popcount, vadd, vfma, vload, vlt_any, vmax, vmin, vsplat, vstore, vto_u8
+
+#: float32 lanes of the vector paths (the lane-padded table's column groups)
+_L = 16
 
 
 @njit(**NJIT)
@@ -104,36 +107,65 @@ def hamming_probe_kernel(q_words, c_words, n_probe, out):
 
 
 @njit(**NJIT)
+def _topn_insert(best_s, best_c, i, n, s, c):
+    """Insert ``(s, c)`` into column ``i``'s sorted best-``n`` list (after equal scores,
+    so ties keep the lower id); returns the new entry threshold."""
+    p = n - 1
+    while p > 0 and best_s[i, p - 1] < s:
+        best_s[i, p] = best_s[i, p - 1]
+        best_c[i, p] = best_c[i, p - 1]
+        p -= 1
+    best_s[i, p] = s
+    best_c[i, p] = c
+    return best_s[i, n - 1]
+
+
+@njit(**NJIT)
 def topn_cols_kernel(t, n_q, n, out):
     """Row ids of the ``n`` largest entries of each of the first ``n_q`` columns of
     ``t (K, W)`` float32 (a query's centroid scores), largest first, ties to the lower id:
-    ``out (n_q, n)``.
+    ``out (n_q, n)``; ``n <= K``.
 
-    One row-major pass (the table is read once, in order): every column keeps a sorted
-    best-``n`` list and its entry threshold; after the first rows almost every value
-    fails the threshold test, so the pass costs about one compare per entry.
+    Every column keeps a sorted best-``n`` list and its entry threshold. On the
+    lane-padded table (``W % 16 == 0``) each 16-column group is one pass over the rows
+    with the thresholds in a register: one vector compare per row, and the scalar
+    insertion only where a lane beats its threshold (after the first rows, rarely).
     """
-    k = t.shape[0]
+    k, w = t.shape
     best_s = np.full((n_q, n), -np.inf, np.float32)
     best_c = np.full((n_q, n), -1, np.int64)
-    thr = np.full(n_q, -np.inf, np.float32)
-    filled = np.zeros(n_q, np.int64)
-    for c in range(k):
-        row = t[c]
+    thr = np.full(max(w, n_q) + _L, np.inf, np.float32)  # padding lanes never pass
+    # the first n rows fill every list
+    for c in range(min(n, k)):
         for i in range(n_q):
-            s = row[i]
-            if s > thr[i] or filled[i] < n:
-                m = filled[i]
-                p = m if m < n else n - 1
-                while p > 0 and best_s[i, p - 1] < s:
-                    best_s[i, p] = best_s[i, p - 1]
-                    best_c[i, p] = best_c[i, p - 1]
-                    p -= 1
-                best_s[i, p] = s
-                best_c[i, p] = c
-                if m < n:
-                    filled[i] = m + 1
-                thr[i] = best_s[i, n - 1] if filled[i] == n else -np.inf
+            p = c
+            s = t[c, i]
+            while p > 0 and best_s[i, p - 1] < s:
+                best_s[i, p] = best_s[i, p - 1]
+                best_c[i, p] = best_c[i, p - 1]
+                p -= 1
+            best_s[i, p] = s
+            best_c[i, p] = c
+    for i in range(n_q):
+        thr[i] = best_s[i, n - 1]
+    if w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w:
+        flat = np.ascontiguousarray(t).reshape(-1)
+        for g in range(0, n_q, _L):
+            tv = vload(thr, g, _L)
+            for c in range(n, k):
+                x = vload(flat, c * w + g, _L)
+                if vlt_any(tv, x):
+                    for i in range(g, min(g + _L, n_q)):
+                        s = t[c, i]
+                        if s > thr[i]:
+                            thr[i] = _topn_insert(best_s, best_c, i, n, s, c)
+                    tv = vload(thr, g, _L)
+    else:
+        for c in range(n, k):
+            for i in range(n_q):
+                s = t[c, i]
+                if s > thr[i]:
+                    thr[i] = _topn_insert(best_s, best_c, i, n, s, c)
     for i in range(n_q):
         for p in range(n):
             out[i, p] = best_c[i, p]
@@ -146,6 +178,24 @@ def table_range_kernel(t, n_q, keep, use_keep):
     all rows (pruned rows are quantised to the bottom, 0). One row-major pass."""
     lo = np.float32(np.inf)
     hi = np.float32(-np.inf)
+    k, w = t.shape
+    if not use_keep and w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w and k > 0:
+        # per-lane minima and maxima in registers, one column group at a time
+        flat = np.ascontiguousarray(t).reshape(-1)
+        tmp = np.empty(2 * _L, np.float32)
+        for g in range(0, n_q, _L):
+            vlo = vload(flat, g, _L)
+            vhi = vlo
+            for c in range(1, k):
+                x = vload(flat, c * w + g, _L)
+                vlo = vmin(vlo, x)
+                vhi = vmax(vhi, x)
+            vstore(tmp, 0, vlo)
+            vstore(tmp, _L, vhi)
+            for i in range(min(_L, n_q - g)):
+                lo = min(lo, tmp[i])
+                hi = max(hi, tmp[_L + i])
+        return lo, hi
     for c in range(t.shape[0]):
         row = t[c]
         rlo = row[0]
@@ -168,13 +218,27 @@ def quantize_table_kernel(t, n_q, lo, inv_scale, keep, use_keep, out):
     receives ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0``
     (pruned, when ``use_keep``) keeps 0 in every lane, the lowest value.
     """
-    k = t.shape[0]
+    k, w = t.shape
+    vec = w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w
+    vec = vec and out.strides[1] == 1 and out.strides[0] == out.shape[1]
+    g_end = (n_q // _L) * _L if vec else 0  # whole 16-lane groups of real columns
+    flat = np.ascontiguousarray(t).reshape(-1) if vec else np.zeros(1, np.float32)
+    oflat = np.ascontiguousarray(out).reshape(-1) if vec else np.zeros(1, np.uint8)
+    w8 = out.shape[1]
+    nlo = vsplat(-np.float32(lo), _L)
+    sv = vsplat(np.float32(inv_scale), _L)
+    half = vsplat(np.float32(0.5), _L)
+    zero = vsplat(np.float32(0.0), _L)
+    top = vsplat(np.float32(255.0), _L)
     for c in range(k):
         if use_keep and keep[c] == 0:
             continue
+        for g in range(0, g_end, _L):
+            v = vfma(vadd(vload(flat, c * w + g, _L), nlo), sv, half)
+            vstore(oflat, c * w8 + g, vto_u8(vmin(vmax(v, zero), top)))
         row = t[c]
         orow = out[c]
-        for i in range(n_q):
+        for i in range(g_end, n_q):
             v = (row[i] - lo) * inv_scale + np.float32(0.5)
             if v < 0:
                 v = 0

@@ -16,9 +16,17 @@
 The lane count is a compile-time literal: ``vload(arr, i, 16)`` loads
 ``arr.flat[i:i+16]`` of a C-contiguous array as ``Vec(arr.dtype, 16)``. Indexing is
 unchecked, like the rest of the kernels (the wrappers validate).
+
+``vdpbusd`` is the one exception to "plain LLVM IR": the AVX-512 VNNI int8 dot product,
+compiled only where ``HAS_VNNI`` says the host has it; its callers keep a portable
+kernel that computes the same integers.
 """
 
+import os
+
+from llvmlite import binding as _llvm
 from llvmlite import ir
+from numba import config as _numba_config
 from numba import errors, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
@@ -34,6 +42,9 @@ __all__ = [
     "vmax",
     "vmin",
     "vfma",
+    "vcvt_f32",
+    "vto_u8",
+    "vconcat",
     "vxor",
     "vpopcount",
     "vhadd",
@@ -42,6 +53,10 @@ __all__ = [
     "vpairadd",
     "prefetch",
     "load_u64",
+    "HAS_VNNI",
+    "vload_i32",
+    "vbroadcast_i32",
+    "vdpbusd",
 ]
 
 
@@ -274,6 +289,51 @@ def vfma(typingctx, a, b, c):
 
 
 @intrinsic
+def vcvt_f32(typingctx, a):
+    """A signed integer vector converted lane-wise to float32 (``vcvtdq2ps``)."""
+    if not (isinstance(a, Vec) and isinstance(a.dtype, types.Integer) and a.dtype.signed):
+        return None
+    sig = Vec(types.float32, a.lanes)(a)
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], ir.VectorType(ir.FloatType(), sig.args[0].lanes))
+
+    return sig, codegen
+
+
+@intrinsic
+def vconcat(typingctx, a, b):
+    """The lanes of ``a`` followed by those of ``b``: one vector of twice the lanes."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+    sig = Vec(a.dtype, 2 * a.lanes)(a, b)
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        n = 2 * sig.args[0].lanes
+        mask = ir.Constant(ir.VectorType(i32, n), list(range(n)))
+        return builder.shuffle_vector(args[0], args[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def vto_u8(typingctx, a):
+    """A float32 vector with lanes in [0, 255] truncated lane-wise to uint8 (like
+    ``np.uint8(x)``; lanes outside that range are undefined, clamp them first)."""
+    if not (isinstance(a, Vec) and a.dtype == types.float32):
+        return None
+    sig = Vec(types.uint8, a.lanes)(a)
+
+    def codegen(context, builder, sig, args):
+        n = sig.args[0].lanes
+        i32 = builder.fptosi(args[0], ir.VectorType(ir.IntType(32), n))
+        return builder.trunc(i32, ir.VectorType(ir.IntType(8), n))
+
+    return sig, codegen
+
+
+@intrinsic
 def vpopcount(typingctx, a):
     """Lane-wise popcount of an integer vector (``VPOPCNTQ``/``VPOPCNTD`` with AVX-512)."""
     if not (isinstance(a, Vec) and isinstance(a.dtype, types.Integer)):
@@ -354,14 +414,16 @@ def vhmin(typingctx, a):
 
 @intrinsic
 def vlt_any(typingctx, a, b):
-    """True if any lane of ``a`` is below the same lane of ``b`` (integer vectors)."""
-    if not (isinstance(a, Vec) and a == b and isinstance(a.dtype, types.Integer)):
+    """True if any lane of ``a`` is below the same lane of ``b``."""
+    if not (isinstance(a, Vec) and a == b):
         return None
     sig = types.boolean(a, b)
 
     def codegen(context, builder, sig, args):
         pred = "<"
-        if sig.args[0].dtype.signed:
+        if _is_float(sig.args[0]):
+            c = builder.fcmp_ordered(pred, args[0], args[1])
+        elif sig.args[0].dtype.signed:
             c = builder.icmp_signed(pred, args[0], args[1])
         else:
             c = builder.icmp_unsigned(pred, args[0], args[1])
@@ -434,5 +496,72 @@ def load_u64(typingctx, arr, idx):
     def codegen(context, builder, sig, args):
         p = _ptr(context, builder, sig.args[0], args[0], args[1])
         return builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1)
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------------------
+# AVX-512 VNNI (int8 dot products), for the hosts that have it
+# --------------------------------------------------------------------------------------
+def _host_has_vnni() -> bool:
+    """True when Numba compiles for this host's CPU and the CPU has AVX-512 VNNI.
+    ``RETRIEVAL_PRUNE_VNNI=0`` turns it off (the portable kernels give the same numbers)."""
+    if os.environ.get("RETRIEVAL_PRUNE_VNNI", "1") == "0":
+        return False
+    if _numba_config.CPU_NAME or _numba_config.CPU_FEATURES:  # a cross/generic target
+        return False
+    try:
+        return bool(_llvm.get_host_cpu_features().get("avx512vnni", False))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+#: whether :func:`vdpbusd` may be compiled here; kernels using it must check this first
+#: (on a CPU without VNNI, LLVM cannot select the instruction)
+HAS_VNNI = _host_has_vnni()
+
+
+@intrinsic
+def vload_i32(typingctx, arr, idx):
+    """The 64 bytes at ``arr.flat[idx]`` (a uint8/int8 array, any alignment) as 16 int32."""
+    sig = Vec(types.int32, 16)(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        vt = ir.VectorType(ir.IntType(32), 16)
+        return builder.load(builder.bitcast(p, vt.as_pointer()), align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast_i32(typingctx, arr, idx):
+    """The 4 bytes at ``arr.flat[idx]`` (any alignment) as one int32 in all 16 lanes."""
+    sig = Vec(types.int32, 16)(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        x = builder.load(builder.bitcast(p, ir.IntType(32).as_pointer()), align=1)
+        return _splat(builder, x, 16)
+
+    return sig, codegen
+
+
+@intrinsic
+def vdpbusd(typingctx, acc, a, b):
+    """``VPDPBUSD``: lane ``i`` of ``acc`` plus the sum of the four products of the bytes
+    of lane ``i`` of ``a`` (unsigned) and of ``b`` (signed); 16 int32 lanes, so 64
+    multiply-adds per instruction (4x a float32 FMA). AVX-512 VNNI only: see ``HAS_VNNI``."""
+    vt = Vec(types.int32, 16)
+    if not (acc == vt and a == vt and b == vt):
+        return None
+    sig = vt(acc, a, b)
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ty, [ty, ty, ty]), "llvm.x86.avx512.vpdpbusd.512"
+        )
+        return builder.call(fn, args)
 
     return sig, codegen
