@@ -21,6 +21,9 @@ EXHAUSTIVE = [
     f"residual:k=32,nbits=4 | hnsw:nprobe=32,{ALL},ef=40",
     f"pca:dim=8 | residual:k=32,nbits=1 | ivf:nprobe=32,{ALL}",
     f"kmeans:k=32 | ivf:nprobe=32,{ALL}",
+    # int8 codebooks: the int8 x int8 stage-1 table must not leak into the final scores
+    f"residual:k=32,nbits=2,centroid_bits=8 | ivf:nprobe=32,{ALL}",
+    f"kmeans:k=32,centroid_bits=8 | ivf:nprobe=32,{ALL}",
 ]
 
 

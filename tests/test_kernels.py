@@ -384,13 +384,17 @@ def test_hamming_scan_128_vs_naive(n):
 @pytest.mark.slow
 def test_bench_kernels_json_shape():
     from retrieval_prune.evaluation import bench_kernels
+    from retrieval_prune.kernels.popcount import HAS_VNNI
 
-    res = bench_kernels.run(threads=(1,), n_docs=64, progress=False, kernels=["maxsim_f32"])
+    names = ["maxsim_f32", "score_table_f32", "score_table_i8"]
+    res = bench_kernels.run(threads=(1,), n_docs=64, progress=False, kernels=names)
     assert set(res) == {"machine", "roofs", "kernels"}
-    assert set(res["roofs"]["1"]) == {"sgemm_gflops", "read_gbps"}
-    row = res["kernels"]["maxsim_f32"]["1"]
-    assert set(row) == {"throughput", "unit", "ratio_to_roof"} and row["unit"] == "GFLOP/s"
-    assert row["throughput"] > 0 and row["ratio_to_roof"] > 0
+    roofs = {"sgemm_gflops", "read_gbps"} | ({"vnni_gops"} if HAS_VNNI else set())
+    assert set(res["roofs"]["1"]) == roofs
+    for name, unit in zip(names, ["GFLOP/s", "GFLOP/s", "GOP/s"], strict=True):
+        row = res["kernels"][name]["1"]
+        assert set(row) == {"throughput", "unit", "ratio_to_roof"} and row["unit"] == unit
+        assert row["throughput"] > 0 and row["ratio_to_roof"] > 0
     assert "OPENBLAS_CORETYPE" in res["machine"]
     with pytest.raises(ValueError, match="unknown kernels"):
         bench_kernels.run(threads=(1,), kernels=["nope"], progress=False)

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from retrieval_prune.kernels._config import NJIT_PARALLEL
-from retrieval_prune.kernels.popcount import vadd, vhadd, vload, vsplat
+from retrieval_prune.kernels.popcount import HAS_VNNI, vadd, vdpbusd, vhadd, vload, vsplat
 
 __all__ = ["run", "main", "machine_info"]
 
@@ -191,6 +191,44 @@ def roof_read(t: int, arr: np.ndarray) -> float:
     return arr.nbytes / dt / 1e9
 
 
+@njit(**NJIT_PARALLEL)
+def _vnni_chain(n, n_threads):
+    """12 independent ``vpdpbusd`` chains per thread, in registers (AVX-512 VNNI only)."""
+    total = 0
+    for th in prange(n_threads):
+        x = vsplat(np.int32(0x01010101), 16)
+        y = vsplat(np.int32(0x01020304 + th), 16)
+        a0 = a1 = a2 = a3 = a4 = a5 = vsplat(np.int32(th), 16)
+        b0 = b1 = b2 = b3 = b4 = b5 = vsplat(np.int32(th + 1), 16)
+        for _ in range(n):
+            a0 = vdpbusd(a0, x, y)
+            a1 = vdpbusd(a1, x, y)
+            a2 = vdpbusd(a2, x, y)
+            a3 = vdpbusd(a3, x, y)
+            a4 = vdpbusd(a4, x, y)
+            a5 = vdpbusd(a5, x, y)
+            b0 = vdpbusd(b0, x, y)
+            b1 = vdpbusd(b1, x, y)
+            b2 = vdpbusd(b2, x, y)
+            b3 = vdpbusd(b3, x, y)
+            b4 = vdpbusd(b4, x, y)
+            b5 = vdpbusd(b5, x, y)
+        s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(a4, a5))
+        s = vadd(s, vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(b4, b5)))
+        total += vhadd(s)
+    return total
+
+
+def roof_vnni(t: int) -> float:
+    """Peak int8 GOP/s (2 per multiply-add) of ``vpdpbusd`` on ``t`` threads: 12
+    independent register chains each, no memory traffic (AVX-512 VNNI hosts only)."""
+    numba.set_num_threads(t)
+    n = 200_000
+    _vnni_chain(100, t)
+    dt = _best_time(lambda: _vnni_chain(n, t), repeats=10, min_total=0.3)
+    return 2.0 * 64 * 12 * n * t / dt / 1e9
+
+
 def clock_ghz(t: int) -> float:
     """Core clock estimate: a dependent float64 add chain runs at one add per 3 cycles
     (FADD latency on Zen 4 / most x86 cores); ``t`` threads run one chain each."""
@@ -334,6 +372,55 @@ def bench_maxsim_residual(data: _Data, t: int, roof: dict) -> Result:
     return docs_s, "docs/s", lambda r: r["sgemm_gflops"] * 1e9 / (2.0 * NQ * T * DIM)
 
 
+# ---- the score table of staged search -------------------------------------------------
+TABLE_CENTROIDS = 16384  # the codebook of the SciFact `default` index (k_scale=2)
+
+
+def _table_data(data: _Data):
+    def build():
+        from retrieval_prune.compress.kmeans import _quantize_int8
+        from retrieval_prune.index.ops import _pack
+
+        cent = _normed(data.rng, TABLE_CENTROIDS, DIM)
+        c8, scale = _quantize_int8(cent)
+        q, qoff = data.queries(1)
+        qp = _pack(q, qoff)[0]
+        corr = (-128 * c8.astype(np.int32).sum(axis=1)).astype(np.int32)
+        return cent.reshape(-1), c8.reshape(-1), scale, corr, qp
+
+    return data.get("table", build)
+
+
+def _bench_table(data: _Data, int8: bool) -> float:
+    from retrieval_prune.kernels.codes import centroid_table_i8, centroid_table_kernel
+
+    cent, c8, scale, corr, qp = _table_data(data)
+    nv = -(-NQ // 16)
+    out = np.empty(TABLE_CENTROIDS * nv * 16, np.float32)
+    if int8:
+        def go():
+            centroid_table_i8(qp, nv, DIM, c8, corr, scale, TABLE_CENTROIDS, out)
+    else:
+        def go():
+            centroid_table_kernel(qp, nv, DIM, cent, scale[:0], False, TABLE_CENTROIDS, out)
+    go()
+    dt = _best_time(go, repeats=20, min_total=0.5)
+    return 2.0 * NQ * DIM * TABLE_CENTROIDS / dt / 1e9
+
+
+def bench_score_table_f32(data: _Data, t: int, roof: dict) -> Result:
+    """Stage-1 score table (32 query tokens x 16384 float32 centroids, d=128, stored
+    lane-padded) in GFLOP/s; roof: sgemm."""
+    return _bench_table(data, False), "GFLOP/s", lambda r: r["sgemm_gflops"]
+
+
+def bench_score_table_i8(data: _Data, t: int, roof: dict) -> Result:
+    """The same table from an int8 codebook with the query quantised per token (the
+    ``centroid_bits=8`` path), GOP/s with 2 per multiply-add; roof: the register-only
+    ``vpdpbusd`` peak where the CPU has VNNI, else sgemm (the portable kernel)."""
+    return _bench_table(data, True), "GOP/s", lambda r: r.get("vnni_gops", r["sgemm_gflops"])
+
+
 # ---- sign bits ------------------------------------------------------------------------
 def _bits_data(data: _Data):
     def build():
@@ -425,6 +512,8 @@ BENCHES: dict[str, Callable[[_Data, int, dict], Result]] = {
     "maxsim_code_f32": bench_maxsim_code_f32,
     "maxsim_code_u8": bench_maxsim_code_u8,
     "maxsim_residual": bench_maxsim_residual,
+    "score_table_f32": bench_score_table_f32,
+    "score_table_i8": bench_score_table_i8,
     "maxsim_binary": bench_maxsim_binary,
     "maxsim_binary_asym": bench_maxsim_binary_asym,
     "hamming_scan_128": bench_hamming_scan_128,
@@ -444,6 +533,8 @@ def _measure_roofs(t: int, rng: np.random.Generator, big: np.ndarray) -> dict:
         "read_gbps": roof_read(t, big),
         "clock_ghz": clock_ghz(1),
     }
+    if HAS_VNNI:
+        roofs["vnni_gops"] = roof_vnni(t)
     numba.set_num_threads(t)
     return roofs
 
@@ -532,7 +623,7 @@ def run(
             again = _measure_roofs(t, rng, big)
             roof = {m: max(roof[m], again[m]) for m in roof}
             machine["clock_ghz_est"][key] = roof["clock_ghz"]
-            out["roofs"][key] = {m: roof[m] for m in ("sgemm_gflops", "read_gbps")}
+            out["roofs"][key] = {m: roof[m] for m in ("sgemm_gflops", "read_gbps", "vnni_gops") if m in roof}
             say(f"  best roofs: sgemm {roof['sgemm_gflops']:.1f}, read {roof['read_gbps']:.1f}")
             for name, (thr, unit, bound) in results.items():
                 ratio = thr / bound(roof)

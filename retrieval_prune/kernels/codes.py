@@ -20,6 +20,13 @@ max commutes with this increasing map, so the score is
 ``scale * sum_i max_j T8[code_j, i] + n_q * lo`` with an error of at most
 ``n_q * scale / 2``.
 
+With an int8 codebook (``C = diag(s) C8``) the table can be built in integers: the
+query is quantised per token (``q = s_q q8``, ``max |q8| = 127``) and
+``T[c, l] = s[c] s_q[l] sum_d C8[c, d] q8[l, d]``. The sum is exact (below 2**24), so the
+AVX-512 VNNI kernel (``vpdpbusd``: unsigned x signed bytes, hence ``q8 + 128`` and a
+per-centroid correction ``-128 sum_d C8[c, d]``) and the portable kernel (the float32
+micro-kernel on the same small integers) produce the same float32 table.
+
 Residuals
 ---------
 A token is ``centroids[code] + bucket_values[b_d]`` with ``nbits``-bit bucket indices
