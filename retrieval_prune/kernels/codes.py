@@ -302,6 +302,16 @@ def _store_i8(out, o, acc, corr, m):
 
 
 @njit(**NJIT)
+def _rows4(c, c1, dim):
+    """``(n, r0, r1, r2, r3)``: how many of centroids ``c .. c+3`` exist below ``c1`` and
+    their row offsets (a missing one repeats row ``c``: computed, never stored)."""
+    n = min(4, c1 - c)
+    r0 = c * dim
+    return (n, r0, r0 + dim if n > 1 else r0, r0 + 2 * dim if n > 2 else r0,
+            r0 + 3 * dim if n > 3 else r0)  # fmt: skip
+
+
+@njit(**NJIT)
 def _i8_rows2(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
     """VNNI micro-kernel: 4 centroids x 32 query tokens per step, 8 int32 accumulators,
     one ``vpdpbusd`` per 4 dimensions of one centroid and 16 tokens."""
@@ -312,11 +322,7 @@ def _i8_rows2(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
     qb_s = vload(qs, col + LANES, 16)
     c = c0
     while c < c1:
-        n = min(4, c1 - c)
-        r0 = c * dim
-        r1 = r0 + dim if n > 1 else r0
-        r2 = r0 + 2 * dim if n > 2 else r0
-        r3 = r0 + 3 * dim if n > 3 else r0
+        n, r0, r1, r2, r3 = _rows4(c, c1, dim)
         a00 = z
         a01 = z
         a10 = z
@@ -371,11 +377,7 @@ def _i8_rows1(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
     qa_s = vload(qs, col, 16)
     c = c0
     while c < c1:
-        n = min(4, c1 - c)
-        r0 = c * dim
-        r1 = r0 + dim if n > 1 else r0
-        r2 = r0 + 2 * dim if n > 2 else r0
-        r3 = r0 + 3 * dim if n > 3 else r0
+        n, r0, r1, r2, r3 = _rows4(c, c1, dim)
         a0 = z
         a1 = z
         a2 = z

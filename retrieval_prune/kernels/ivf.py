@@ -107,17 +107,16 @@ def hamming_probe_kernel(q_words, c_words, n_probe, out):
 
 
 @njit(**NJIT)
-def _topn_insert(best_s, best_c, i, n, s, c):
-    """Insert ``(s, c)`` into column ``i``'s sorted best-``n`` list (after equal scores,
-    so ties keep the lower id); returns the new entry threshold."""
-    p = n - 1
+def _topn_insert(best_s, best_c, i, p, s, c):
+    """Insert ``(s, c)`` into column ``i``'s sorted best list, entering at slot ``p`` (the
+    first free one while filling, else the last) and moving up past smaller scores only,
+    so ties keep the lower id."""
     while p > 0 and best_s[i, p - 1] < s:
         best_s[i, p] = best_s[i, p - 1]
         best_c[i, p] = best_c[i, p - 1]
         p -= 1
     best_s[i, p] = s
     best_c[i, p] = c
-    return best_s[i, n - 1]
 
 
 @njit(**NJIT)
@@ -138,14 +137,7 @@ def topn_cols_kernel(t, n_q, n, out):
     # the first n rows fill every list
     for c in range(min(n, k)):
         for i in range(n_q):
-            p = c
-            s = t[c, i]
-            while p > 0 and best_s[i, p - 1] < s:
-                best_s[i, p] = best_s[i, p - 1]
-                best_c[i, p] = best_c[i, p - 1]
-                p -= 1
-            best_s[i, p] = s
-            best_c[i, p] = c
+            _topn_insert(best_s, best_c, i, c, t[c, i], c)
     for i in range(n_q):
         thr[i] = best_s[i, n - 1]
     if w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w:
@@ -158,14 +150,16 @@ def topn_cols_kernel(t, n_q, n, out):
                     for i in range(g, min(g + _L, n_q)):
                         s = t[c, i]
                         if s > thr[i]:
-                            thr[i] = _topn_insert(best_s, best_c, i, n, s, c)
+                            _topn_insert(best_s, best_c, i, n - 1, s, c)
+                            thr[i] = best_s[i, n - 1]
                     tv = vload(thr, g, _L)
     else:
         for c in range(n, k):
             for i in range(n_q):
                 s = t[c, i]
                 if s > thr[i]:
-                    thr[i] = _topn_insert(best_s, best_c, i, n, s, c)
+                    _topn_insert(best_s, best_c, i, n - 1, s, c)
+                    thr[i] = best_s[i, n - 1]
     for i in range(n_q):
         for p in range(n):
             out[i, p] = best_c[i, p]
