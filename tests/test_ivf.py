@@ -203,7 +203,7 @@ def test_query_dim_mismatch_is_refused(data):
 
 
 def test_centroid_table_kernel_matches_numpy_float32_and_int8():
-    from retrieval_prune.compress.kmeans import _dequantize_int8, _quantize_int8
+    from retrieval_prune.compress.kmeans import _quantize_int8
     from retrieval_prune.index.ops import _pack
     from retrieval_prune.kernels.codes import centroid_table_kernel
 
@@ -214,12 +214,14 @@ def test_centroid_table_kernel_matches_numpy_float32_and_int8():
         qp = _pack(q, np.array([0, n_q], np.int64))[0]
         nv = -(-n_q // 16)
         out = np.full((k, nv * 16), np.nan, np.float32)
-        centroid_table_kernel(qp, nv, dim, c.reshape(-1), np.zeros(0, np.float32), False, k, out.reshape(-1))
+        centroid_table_kernel(qp, nv, dim, c.reshape(-1), k, out.reshape(-1))
         np.testing.assert_allclose(out[:, :n_q], c @ q.T, rtol=1e-5, atol=1e-4)
         assert np.all(out[:, n_q:] == 0)  # padding lanes are zero
-        c8, scale = _quantize_int8(c)
-        centroid_table_kernel(qp, nv, dim, c8.reshape(-1), scale, True, k, out.reshape(-1))
-        np.testing.assert_allclose(out[:, :n_q], _dequantize_int8(c8, scale) @ q.T, rtol=1e-5, atol=1e-4)
+        c8, _ = _quantize_int8(c)
+        # an int8 codebook is read as its integer values (the portable int8 table's input;
+        # its scales are applied after: test_int8_score_table_...)
+        centroid_table_kernel(qp, nv, dim, c8.reshape(-1), k, out.reshape(-1))
+        np.testing.assert_allclose(out[:, :n_q], c8.astype(np.float32) @ q.T, rtol=1e-5, atol=1e-4)
 
 
 def _int8_table_inputs(rng, n_q, k, dim):
@@ -271,7 +273,7 @@ def test_int8_score_table_matches_numpy_and_is_the_same_on_every_cpu(n_q, k, dim
         np.testing.assert_array_equal(vnni, portable)
 
 
-def test_table_range_and_quantize_vector_paths_match_numpy():
+def test_table_range_quantize_and_probe_match_numpy():
     rng = np.random.default_rng(9)
     for n_q, w in [(32, 32), (20, 32), (7, 16), (33, 48)]:
         t = np.zeros((301, w), np.float32)

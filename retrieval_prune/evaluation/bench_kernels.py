@@ -402,7 +402,7 @@ def _bench_table(data: _Data, int8: bool) -> float:
             centroid_table_i8(qp, nv, DIM, c8, corr, scale, TABLE_CENTROIDS, out)
     else:
         def go():
-            centroid_table_kernel(qp, nv, DIM, cent, scale[:0], False, TABLE_CENTROIDS, out)
+            centroid_table_kernel(qp, nv, DIM, cent, TABLE_CENTROIDS, out)
     go()
     dt = _best_time(go, repeats=20, min_total=0.5)
     return 2.0 * NQ * DIM * TABLE_CENTROIDS / dt / 1e9

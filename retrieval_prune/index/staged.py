@@ -369,10 +369,7 @@ class StagedIndex(CompressedIndex):
                     cache["codebook_scale"], n_c, out.reshape(-1),
                 )  # fmt: skip
             else:
-                _codes_k.centroid_table_kernel(
-                    qp, nv, dim, cache["codebook"], cache["codebook_scale"], False, n_c,
-                    out.reshape(-1),
-                )  # fmt: skip
+                _codes_k.centroid_table_kernel(qp, nv, dim, cache["codebook"], n_c, out.reshape(-1))
         return out
 
     def _search_one(self, cache, table, q, qp, k, alive, mark, stamp, buf):
@@ -419,8 +416,11 @@ class StagedIndex(CompressedIndex):
         ``table (K, W)``: score table whose first ``n_q`` columns are the query tokens."""
         use_keep = keep is not None
         keep_arr = keep if use_keep else np.zeros(1, np.uint8)
-        # one pass; on the lane-padded table, vector minima/maxima of the real columns
-        lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
+        if use_keep:
+            lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
+        else:  # numpy's SIMD reductions (3x the kernel's speed) over the real columns
+            t = table if table.shape[1] == n_q else table[:, :n_q]
+            lo, hi = t.min(), t.max()
         lo, hi = float(lo), float(hi)
         if not np.isfinite(hi):  # every row pruned
             hi = lo

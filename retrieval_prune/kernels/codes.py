@@ -172,26 +172,8 @@ def _table_rows1(qp, base, dim, C1, c0, c1, out, W, col):
         c += 1
 
 
-#: centroids converted from int8 per step of the table kernel (32 KB of float32 at dim 128)
+#: rows per block of the portable int8 table kernel (scaled while the block is in L1)
 _TABLE_BLOCK = 64
-
-
-@njit(**NJIT)
-def _rows_to_f32(C1, scale, c0, c1, dim, scratch):
-    """``scratch[(c - c0) * dim + d] = scale[c] * C1[c * dim + d]`` for rows ``c0:c1`` of an
-    int8 codebook: vector conversions, the same float32 products as the dequantised
-    codebook (so the table equals the float32 one exactly)."""
-    z = vsplat(np.float32(0.0), 16)
-    for c in range(c0, c1):
-        sc = vsplat(scale[c], 16)
-        o = (c - c0) * dim
-        d = 0
-        while d + 16 <= dim:
-            vstore(scratch, o + d, vfma(vload_f32(C1, c * dim + d, 16), sc, z))
-            d += 16
-        while d < dim:
-            scratch[o + d] = np.float32(C1[c * dim + d]) * scale[c]
-            d += 1
 
 
 @njit(**NJIT)
@@ -205,32 +187,20 @@ def _table_block(qp, nv, dim, C1, c0, c1, out, W):
 
 
 @njit(**NJIT_PARALLEL)
-def centroid_table_kernel(qp, nv, dim, C1, scale, use_scale, n_centroids, out):
+def centroid_table_kernel(qp, nv, dim, C1, n_centroids, out):
     """Score table of one packed query: ``out[c * W + l]`` = ``<centroid c, query token l>``
     with ``W = 16 * nv`` (zero query rows give zero padding lanes).
 
     ``qp``: the query packed as in :mod:`.maxsim` (``nv`` 16-lane vectors); ``C1``: the
-    centroids ``(K, dim)`` flattened, float32, or int8 with ``use_scale`` (centroid ``c``
-    = ``scale[c] * C1[c]``): blocks of 64 int8 rows are converted to a float32 scratch
-    that stays in L1/L2 and the float32 micro-kernel runs on it, so the codebook read from
-    memory is a quarter of the bytes. The table comes out row-major and lane-padded, the
-    layout every code kernel reads, so no copy follows; parallel over chunks of centroids.
+    centroids ``(K, dim)`` flattened, float32 (or a signed integer array, read as its
+    values: the portable int8 table runs on that). The table comes out row-major and
+    lane-padded, the layout every code kernel reads, so no copy follows; parallel over
+    chunks of centroids.
     """
     W = nv * LANES
     nch = max(1, min(64, n_centroids // 256))
     for ch in prange(nch):
-        c0 = ch * n_centroids // nch
-        c1 = (ch + 1) * n_centroids // nch
-        if use_scale:
-            scratch = np.empty(_TABLE_BLOCK * dim, np.float32)
-            b0 = c0
-            while b0 < c1:
-                b1 = min(b0 + _TABLE_BLOCK, c1)
-                _rows_to_f32(C1, scale, b0, b1, dim, scratch)
-                _table_block(qp, nv, dim, scratch, 0, b1 - b0, out[b0 * W :], W)
-                b0 = b1
-        else:
-            _table_block(qp, nv, dim, C1, c0, c1, out, W)
+        _table_block(qp, nv, dim, C1, ch * n_centroids // nch, (ch + 1) * n_centroids // nch, out, W)
 
 
 # --------------------------------------------------------------------------------------
@@ -720,27 +690,23 @@ def inv_norm(ss):
     return np.float32(1.0) / np.float32(np.sqrt(ss)) if ss > 0 else np.float32(1.0)
 
 
-@njit(**NJIT)
-def decode_token(code, packed_row, centroids, lut, per, normalize, out, o):
-    """Decode one token into ``out[o:o+dim]``: centroid + bucket values, optional L2 norm."""
-    dim = centroids.shape[1]
-    ss = decode_token_raw(
-        code, packed_row, centroids.reshape(-1), np.zeros(0, np.float32), False, dim, lut, per,
-        out, o,
-    )  # fmt: skip
-    if normalize and ss > 0:
-        inv = inv_norm(ss)
-        for d in range(o, o + centroids.shape[1]):
-            out[d] *= inv
-
-
 @njit(**NJIT_PARALLEL)
 def residual_decode_kernel(codes, packed, centroids, lut, per, normalize, out):
-    """Decode every token: ``out`` float32 ``(n_tokens, dim)`` flattened."""
+    """Decode every token: ``out`` float32 ``(n_tokens, dim)`` flattened (centroid +
+    bucket values, L2-normalised with ``normalize``)."""
     n = codes.shape[0]
     dim = centroids.shape[1]
+    src = centroids.reshape(-1)
+    no_scale = np.zeros(0, np.float32)
     for i in prange(n):
-        decode_token(np.int64(codes[i]), packed[i], centroids, lut, per, normalize, out, i * dim)
+        o = i * dim
+        ss = decode_token_raw(
+            np.int64(codes[i]), packed[i], src, no_scale, False, dim, lut, per, out, o
+        )
+        if normalize and ss > 0:
+            inv = inv_norm(ss)
+            for d in range(o, o + dim):
+                out[d] *= inv
 
 
 @njit(**NJIT_PARALLEL)

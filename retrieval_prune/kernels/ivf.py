@@ -28,9 +28,9 @@ import numpy as np
 from numba import njit
 
 from ._config import NJIT
-from .popcount import popcount, vadd, vfma, vload, vlt_any, vmax, vmin, vsplat, vstore, vto_u8
+from .popcount import popcount, vload, vlt_any
 
-#: float32 lanes of the vector paths (the lane-padded table's column groups)
+#: float32 lanes of the probe's vector path (the lane-padded table's column groups)
 _L = 16
 
 
@@ -172,24 +172,6 @@ def table_range_kernel(t, n_q, keep, use_keep):
     all rows (pruned rows are quantised to the bottom, 0). One row-major pass."""
     lo = np.float32(np.inf)
     hi = np.float32(-np.inf)
-    k, w = t.shape
-    if not use_keep and w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w and k > 0:
-        # per-lane minima and maxima in registers, one column group at a time
-        flat = np.ascontiguousarray(t).reshape(-1)
-        tmp = np.empty(2 * _L, np.float32)
-        for g in range(0, n_q, _L):
-            vlo = vload(flat, g, _L)
-            vhi = vlo
-            for c in range(1, k):
-                x = vload(flat, c * w + g, _L)
-                vlo = vmin(vlo, x)
-                vhi = vmax(vhi, x)
-            vstore(tmp, 0, vlo)
-            vstore(tmp, _L, vhi)
-            for i in range(min(_L, n_q - g)):
-                lo = min(lo, tmp[i])
-                hi = max(hi, tmp[_L + i])
-        return lo, hi
     for c in range(t.shape[0]):
         row = t[c]
         rlo = row[0]
@@ -212,27 +194,13 @@ def quantize_table_kernel(t, n_q, lo, inv_scale, keep, use_keep, out):
     receives ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0``
     (pruned, when ``use_keep``) keeps 0 in every lane, the lowest value.
     """
-    k, w = t.shape
-    vec = w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w
-    vec = vec and out.strides[1] == 1 and out.strides[0] == out.shape[1]
-    g_end = (n_q // _L) * _L if vec else 0  # whole 16-lane groups of real columns
-    flat = np.ascontiguousarray(t).reshape(-1) if vec else np.zeros(1, np.float32)
-    oflat = np.ascontiguousarray(out).reshape(-1) if vec else np.zeros(1, np.uint8)
-    w8 = out.shape[1]
-    nlo = vsplat(-np.float32(lo), _L)
-    sv = vsplat(np.float32(inv_scale), _L)
-    half = vsplat(np.float32(0.5), _L)
-    zero = vsplat(np.float32(0.0), _L)
-    top = vsplat(np.float32(255.0), _L)
+    k = t.shape[0]
     for c in range(k):
         if use_keep and keep[c] == 0:
             continue
-        for g in range(0, g_end, _L):
-            v = vfma(vadd(vload(flat, c * w + g, _L), nlo), sv, half)
-            vstore(oflat, c * w8 + g, vto_u8(vmin(vmax(v, zero), top)))
         row = t[c]
         orow = out[c]
-        for i in range(g_end, n_q):
+        for i in range(n_q):
             v = (row[i] - lo) * inv_scale + np.float32(0.5)
             if v < 0:
                 v = 0

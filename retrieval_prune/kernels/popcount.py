@@ -43,7 +43,6 @@ __all__ = [
     "vmin",
     "vfma",
     "vcvt_f32",
-    "vto_u8",
     "vconcat",
     "vxor",
     "vpopcount",
@@ -313,22 +312,6 @@ def vconcat(typingctx, a, b):
         n = 2 * sig.args[0].lanes
         mask = ir.Constant(ir.VectorType(i32, n), list(range(n)))
         return builder.shuffle_vector(args[0], args[1], mask)
-
-    return sig, codegen
-
-
-@intrinsic
-def vto_u8(typingctx, a):
-    """A float32 vector with lanes in [0, 255] truncated lane-wise to uint8 (like
-    ``np.uint8(x)``; lanes outside that range are undefined, clamp them first)."""
-    if not (isinstance(a, Vec) and a.dtype == types.float32):
-        return None
-    sig = Vec(types.uint8, a.lanes)(a)
-
-    def codegen(context, builder, sig, args):
-        n = sig.args[0].lanes
-        i32 = builder.fptosi(args[0], ir.VectorType(ir.IntType(32), n))
-        return builder.trunc(i32, ir.VectorType(ir.IntType(8), n))
 
     return sig, codegen
 
