@@ -69,11 +69,10 @@ def profile_one(index, cache, q, k, alive, mark, stamp, buf):
 
 
 def main() -> int:
+    from staged_fidelity import add_index_args, open_index
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("index")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--pipeline", required=True, help="the spec the index was built with")
+    add_index_args(ap)
     ap.add_argument("-k", type=int, action="append", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="search parameter to configure first (nprobe=2, t_cs=0.4, ...)")
@@ -85,19 +84,13 @@ def main() -> int:
     import numba
 
     from retrieval_prune import registry
-    from retrieval_prune.encode import Encoder
-    from retrieval_prune.evaluation.runner import load_context
-    from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
     from retrieval_prune.index.staged import _blas_single_thread
 
     numba.set_num_threads(1)
-    ctx = load_context(a.data, lambda: Encoder.load(a.checkpoint))
-    index = load_index(a.index)
+    _, index, queries = open_index(a)
     if a.set:
         (_, params), = registry.parse_spec(f"{index.name}:" + ",".join(a.set))
         index.configure(**params)
-    queries = make_pipeline(a.pipeline).transform_queries(ctx.queries)
     cache = index._prepare()
     alive = np.ascontiguousarray(index.alive, dtype=np.uint8)
     mark = np.zeros(index.n_positions, np.int32)

@@ -14,6 +14,9 @@ Usage (the figures in eval/results/staged_search.md and plaid_scifact.md)::
     python scripts/staged_fidelity.py INDEX --data scifact --checkpoint .cache/checkpoints/ft128 \\
         --pipeline default -k 10 --setting 1,-,- --setting 2,-,- --setting 4,-,- \\
         --setting 4,256,128 --setting 4,1024,256
+
+``--float-table`` searches an int8-codebook index with the float32 stage-1 table (the int8
+x int8 table's fidelity cost: eval/results/staged_search.md).
 """
 
 from __future__ import annotations
@@ -29,11 +32,45 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def add_index_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments naming a saved index and the data to search it with (shared with
+    ``stage_profile.py``)."""
+    ap.add_argument("index")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--pipeline", required=True, help="the spec the index was built with")
+
+
+def open_index(a: argparse.Namespace):
+    """``(ctx, index, queries)``: the dataset, the saved index, the judged queries through
+    the pipeline's query transform."""
+    from retrieval_prune.encode import Encoder
+    from retrieval_prune.evaluation.runner import load_context
+    from retrieval_prune.index.base import load_index
+    from retrieval_prune.index.pipeline import make_pipeline
+
+    ctx = load_context(a.data, lambda: Encoder.load(a.checkpoint))
+    index = load_index(a.index)
+    return ctx, index, make_pipeline(a.pipeline).transform_queries(ctx.queries)
+
+
+def use_float_table(index) -> None:
+    """Score stage 1 of an int8-codebook index with the float32 table of its dequantised
+    codebook (the query not quantised): what the int8 x int8 table costs in fidelity."""
+    cache = index._prepare()
+    if cache["codebook_scale"].size == 0:
+        raise SystemExit("--float-table: the index has no int8 codebook (centroid_bits=8)")
+    cache["codebook"] = cache["centroids"].reshape(-1)
+    cache["codebook_scale"] = np.zeros(0, np.float32)
+
+
 def candidate_count(index, q: np.ndarray) -> int:
     """Documents holding a token coded to one of the probed centroids of ``q``'s tokens."""
+    from retrieval_prune.index.ops import _pack
+
     cache = index._prepare()
     q = np.ascontiguousarray(index.chain.transform(q), dtype=np.float32)  # as the search does
-    table = np.asarray(cache["centroids"], dtype=np.float32) @ q.T
+    table = index._score_table(cache, _pack(q, np.array([0, q.shape[0]], np.int64))[0])
     probed = index._probe(cache, table, q)
     codes, off = np.asarray(cache["codes"]), np.asarray(cache["off"])
     hit = np.isin(codes, probed)
@@ -42,23 +79,19 @@ def candidate_count(index, q: np.ndarray) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("index")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--pipeline", required=True, help="the spec the index was built with")
+    add_index_args(ap)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--setting", action="append", required=True, metavar="NPROBE,NCAND,NRERANK")
+    ap.add_argument("--float-table", action="store_true",
+                    help="int8-codebook index: stage 1 with the float32 table instead")
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    from retrieval_prune.encode import Encoder
-    from retrieval_prune.evaluation.runner import _top10, load_context
-    from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.evaluation.runner import _top10
 
-    ctx = load_context(a.data, lambda: Encoder.load(a.checkpoint))
-    index = load_index(a.index)
-    queries = make_pipeline(a.pipeline).transform_queries(ctx.queries)
+    ctx, index, queries = open_index(a)
+    if a.float_table:
+        use_float_table(index)
     n = len(ctx.qids)
     bf = [set(_top10(dict(index.search_bruteforce(queries[i : i + 1], k=10).external(0))))
           for i in range(n)]
