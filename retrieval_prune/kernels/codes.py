@@ -42,12 +42,11 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .maxsim import LANES, NEG, doc_maxsim_scaled
+from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot8x1
 from .popcount import (
     HAS_VNNI,
     load_u64,
     vadd,
-    vbroadcast_f32,
     vbroadcast_i32,
     vconcat,
     vcvt_f32,
@@ -71,105 +70,60 @@ LANES_U8 = 32
 # the score table itself
 # --------------------------------------------------------------------------------------
 @njit(**NJIT)
+def _rows4(c, c1, dim):
+    """``(n, r0, r1, r2, r3)``: how many of centroids ``c .. c+3`` exist below ``c1`` and
+    their row offsets (a missing one repeats row ``c``: computed, never stored)."""
+    n = min(4, c1 - c)
+    r0 = c * dim
+    return (n, r0, r0 + dim if n > 1 else r0, r0 + 2 * dim if n > 2 else r0,
+            r0 + 3 * dim if n > 3 else r0)  # fmt: skip
+
+
+@njit(**NJIT)
+def _store_rows(out, o, W, n, a0, a1, a2, a3):
+    """Store the first ``n`` of 4 row vectors to rows ``o, o + W, ...`` of ``out``."""
+    vstore(out, o, a0)
+    if n > 1:
+        vstore(out, o + W, a1)
+    if n > 2:
+        vstore(out, o + 2 * W, a2)
+    if n > 3:
+        vstore(out, o + 3 * W, a3)
+
+
+@njit(**NJIT)
 def _table_rows2(qp, base, dim, C1, c0, c1, out, W, col):
     """Dot products of centroids ``c0:c1`` with the 32 query lanes of vectors at ``base``,
     stored to ``out[c * W + col : + 32]``: 4 centroids x 2 vectors per step (the GEMM
-    micro-kernel of :func:`.maxsim._max2`, storing instead of taking the max)."""
+    micro-kernel :func:`.maxsim.dot4x2` of MaxSim, storing instead of taking the max)."""
     b1 = base + dim * LANES
-    z = vsplat(np.float32(0.0), 16)
     c = c0
-    while c + 4 <= c1:
-        r0 = c * dim
-        r1 = r0 + dim
-        r2 = r1 + dim
-        r3 = r2 + dim
-        a00 = z
-        a01 = z
-        a10 = z
-        a11 = z
-        a20 = z
-        a21 = z
-        a30 = z
-        a31 = z
-        for d in range(dim):
-            qa = vload(qp, base + d * LANES, 16)
-            qb = vload(qp, b1 + d * LANES, 16)
-            x = vbroadcast_f32(C1, r0 + d, 16)
-            a00 = vfma(qa, x, a00)
-            a01 = vfma(qb, x, a01)
-            x = vbroadcast_f32(C1, r1 + d, 16)
-            a10 = vfma(qa, x, a10)
-            a11 = vfma(qb, x, a11)
-            x = vbroadcast_f32(C1, r2 + d, 16)
-            a20 = vfma(qa, x, a20)
-            a21 = vfma(qb, x, a21)
-            x = vbroadcast_f32(C1, r3 + d, 16)
-            a30 = vfma(qa, x, a30)
-            a31 = vfma(qb, x, a31)
-        o = c * W + col
-        vstore(out, o, a00)
-        vstore(out, o + LANES, a01)
-        vstore(out, o + W, a10)
-        vstore(out, o + W + LANES, a11)
-        vstore(out, o + 2 * W, a20)
-        vstore(out, o + 2 * W + LANES, a21)
-        vstore(out, o + 3 * W, a30)
-        vstore(out, o + 3 * W + LANES, a31)
-        c += 4
     while c < c1:
-        r0 = c * dim
-        a00 = z
-        a01 = z
-        for d in range(dim):
-            x = vbroadcast_f32(C1, r0 + d, 16)
-            a00 = vfma(vload(qp, base + d * LANES, 16), x, a00)
-            a01 = vfma(vload(qp, b1 + d * LANES, 16), x, a01)
-        vstore(out, c * W + col, a00)
-        vstore(out, c * W + col + LANES, a01)
-        c += 1
+        n, r0, r1, r2, r3 = _rows4(c, c1, dim)
+        a00, a01, a10, a11, a20, a21, a30, a31 = dot4x2(qp, base, b1, dim, C1, r0, r1, r2, r3)
+        o = c * W + col
+        _store_rows(out, o, W, n, a00, a10, a20, a30)
+        _store_rows(out, o + LANES, W, n, a01, a11, a21, a31)
+        c += 4
 
 
 @njit(**NJIT)
 def _table_rows1(qp, base, dim, C1, c0, c1, out, W, col):
-    """:func:`_table_rows2` for one vector of 16 query lanes (8 centroids per step)."""
-    z = vsplat(np.float32(0.0), 16)
+    """:func:`_table_rows2` for one vector of 16 query lanes (8 centroids per step,
+    :func:`.maxsim.dot8x1`)."""
     c = c0
-    while c + 8 <= c1:
-        r = c * dim
-        a0 = z
-        a1 = z
-        a2 = z
-        a3 = z
-        a4 = z
-        a5 = z
-        a6 = z
-        a7 = z
-        for d in range(dim):
-            qa = vload(qp, base + d * LANES, 16)
-            a0 = vfma(qa, vbroadcast_f32(C1, r + d, 16), a0)
-            a1 = vfma(qa, vbroadcast_f32(C1, r + dim + d, 16), a1)
-            a2 = vfma(qa, vbroadcast_f32(C1, r + 2 * dim + d, 16), a2)
-            a3 = vfma(qa, vbroadcast_f32(C1, r + 3 * dim + d, 16), a3)
-            a4 = vfma(qa, vbroadcast_f32(C1, r + 4 * dim + d, 16), a4)
-            a5 = vfma(qa, vbroadcast_f32(C1, r + 5 * dim + d, 16), a5)
-            a6 = vfma(qa, vbroadcast_f32(C1, r + 6 * dim + d, 16), a6)
-            a7 = vfma(qa, vbroadcast_f32(C1, r + 7 * dim + d, 16), a7)
-        o = c * W + col
-        vstore(out, o, a0)
-        vstore(out, o + W, a1)
-        vstore(out, o + 2 * W, a2)
-        vstore(out, o + 3 * W, a3)
-        vstore(out, o + 4 * W, a4)
-        vstore(out, o + 5 * W, a5)
-        vstore(out, o + 6 * W, a6)
-        vstore(out, o + 7 * W, a7)
-        c += 8
     while c < c1:
-        a0 = z
-        for d in range(dim):
-            a0 = vfma(vload(qp, base + d * LANES, 16), vbroadcast_f32(C1, c * dim + d, 16), a0)
-        vstore(out, c * W + col, a0)
-        c += 1
+        n, r0, r1, r2, r3 = _rows4(c, c1, dim)
+        if c + 4 < c1:
+            m, r4, r5, r6, r7 = _rows4(c + 4, c1, dim)
+        else:  # no second four: repeat row c (computed, never stored)
+            m, r4, r5, r6, r7 = 0, r0, r0, r0, r0
+        a0, a1, a2, a3, a4, a5, a6, a7 = dot8x1(qp, base, dim, C1, r0, r1, r2, r3, r4, r5, r6, r7)
+        o = c * W + col
+        _store_rows(out, o, W, n, a0, a1, a2, a3)
+        if m > 0:
+            _store_rows(out, o + 4 * W, W, m, a4, a5, a6, a7)
+        c += 8
 
 
 #: rows per block of the portable int8 table kernel (scaled while the block is in L1)
@@ -269,16 +223,6 @@ def centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out):
 @njit(**NJIT)
 def _store_i8(out, o, acc, corr, m):
     vstore(out, o, _scaled(vcvt_f32(vadd(acc, corr)), m))
-
-
-@njit(**NJIT)
-def _rows4(c, c1, dim):
-    """``(n, r0, r1, r2, r3)``: how many of centroids ``c .. c+3`` exist below ``c1`` and
-    their row offsets (a missing one repeats row ``c``: computed, never stored)."""
-    n = min(4, c1 - c)
-    r0 = c * dim
-    return (n, r0, r0 + dim if n > 1 else r0, r0 + 2 * dim if n > 2 else r0,
-            r0 + 3 * dim if n > 3 else r0)  # fmt: skip
 
 
 @njit(**NJIT)

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .popcount import prefetch, vbroadcast, vfma, vload, vmax, vsplat, vstore
+from .popcount import prefetch, vbroadcast, vbroadcast_f32, vfma, vload, vmax, vsplat, vstore
 from .topk import topk_push
 
 #: Finite stand-in for -inf inside kernels (largest negative float32).
@@ -54,6 +54,64 @@ def _prefetch_rows(D1, start, count, limit):
     if start <= limit:
         for i in range(0, count, 16):
             prefetch(D1, start + i)
+
+
+@njit(inline="always", **NJIT)
+def dot4x2(qp, base, b1, dim, D1, r0, r1, r2, r3):
+    """The register-blocked GEMM step of MaxSim and of the score table: dot products of the
+    rows at offsets ``r0..r3`` of ``D1`` (float32, or signed integers read as their values)
+    with the 2 x 16 query lanes of the packed vectors at ``base`` and ``b1``. Returns the
+    8 accumulators ``(a00, a01, a10, a11, a20, a21, a30, a31)`` (row, vector)."""
+    z = vsplat(np.float32(0.0), 16)
+    a00 = z
+    a01 = z
+    a10 = z
+    a11 = z
+    a20 = z
+    a21 = z
+    a30 = z
+    a31 = z
+    for d in range(dim):
+        qa = vload(qp, base + d * LANES, 16)
+        qb = vload(qp, b1 + d * LANES, 16)
+        x = vbroadcast_f32(D1, r0 + d, 16)
+        a00 = vfma(qa, x, a00)
+        a01 = vfma(qb, x, a01)
+        x = vbroadcast_f32(D1, r1 + d, 16)
+        a10 = vfma(qa, x, a10)
+        a11 = vfma(qb, x, a11)
+        x = vbroadcast_f32(D1, r2 + d, 16)
+        a20 = vfma(qa, x, a20)
+        a21 = vfma(qb, x, a21)
+        x = vbroadcast_f32(D1, r3 + d, 16)
+        a30 = vfma(qa, x, a30)
+        a31 = vfma(qb, x, a31)
+    return a00, a01, a10, a11, a20, a21, a30, a31
+
+
+@njit(inline="always", **NJIT)
+def dot8x1(qp, base, dim, D1, r0, r1, r2, r3, r4, r5, r6, r7):
+    """:func:`dot4x2` for one vector of 16 query lanes and 8 rows: ``(a0, ..., a7)``."""
+    z = vsplat(np.float32(0.0), 16)
+    a0 = z
+    a1 = z
+    a2 = z
+    a3 = z
+    a4 = z
+    a5 = z
+    a6 = z
+    a7 = z
+    for d in range(dim):
+        qa = vload(qp, base + d * LANES, 16)
+        a0 = vfma(qa, vbroadcast_f32(D1, r0 + d, 16), a0)
+        a1 = vfma(qa, vbroadcast_f32(D1, r1 + d, 16), a1)
+        a2 = vfma(qa, vbroadcast_f32(D1, r2 + d, 16), a2)
+        a3 = vfma(qa, vbroadcast_f32(D1, r3 + d, 16), a3)
+        a4 = vfma(qa, vbroadcast_f32(D1, r4 + d, 16), a4)
+        a5 = vfma(qa, vbroadcast_f32(D1, r5 + d, 16), a5)
+        a6 = vfma(qa, vbroadcast_f32(D1, r6 + d, 16), a6)
+        a7 = vfma(qa, vbroadcast_f32(D1, r7 + d, 16), a7)
+    return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @njit(**NJIT)
@@ -77,29 +135,7 @@ def _max2(qp, base, dim, D1, s, e, mbuf, mo, inv, use_inv):
         r2 = min(j + 2, last) * dim
         r3 = min(j + 3, last) * dim
         _prefetch_rows(D1, (j + 4) * dim, 4 * dim, limit)
-        a00 = z
-        a01 = z
-        a10 = z
-        a11 = z
-        a20 = z
-        a21 = z
-        a30 = z
-        a31 = z
-        for d in range(dim):
-            qa = vload(qp, base + d * LANES, 16)
-            qb = vload(qp, b1 + d * LANES, 16)
-            x = vbroadcast(D1, r0 + d, 16)
-            a00 = vfma(qa, x, a00)
-            a01 = vfma(qb, x, a01)
-            x = vbroadcast(D1, r1 + d, 16)
-            a10 = vfma(qa, x, a10)
-            a11 = vfma(qb, x, a11)
-            x = vbroadcast(D1, r2 + d, 16)
-            a20 = vfma(qa, x, a20)
-            a21 = vfma(qb, x, a21)
-            x = vbroadcast(D1, r3 + d, 16)
-            a30 = vfma(qa, x, a30)
-            a31 = vfma(qb, x, a31)
+        a00, a01, a10, a11, a20, a21, a30, a31 = dot4x2(qp, base, b1, dim, D1, r0, r1, r2, r3)
         if use_inv:
             x = vbroadcast(inv, j, 16)
             a00 = vfma(a00, x, z)
@@ -138,24 +174,7 @@ def _max1(qp, base, dim, D1, s, e, mbuf, mo, inv, use_inv):
         r5 = min(j + 5, last) * dim
         r6 = min(j + 6, last) * dim
         r7 = min(j + 7, last) * dim
-        a0 = z
-        a1 = z
-        a2 = z
-        a3 = z
-        a4 = z
-        a5 = z
-        a6 = z
-        a7 = z
-        for d in range(dim):
-            qa = vload(qp, base + d * LANES, 16)
-            a0 = vfma(qa, vbroadcast(D1, r0 + d, 16), a0)
-            a1 = vfma(qa, vbroadcast(D1, r1 + d, 16), a1)
-            a2 = vfma(qa, vbroadcast(D1, r2 + d, 16), a2)
-            a3 = vfma(qa, vbroadcast(D1, r3 + d, 16), a3)
-            a4 = vfma(qa, vbroadcast(D1, r4 + d, 16), a4)
-            a5 = vfma(qa, vbroadcast(D1, r5 + d, 16), a5)
-            a6 = vfma(qa, vbroadcast(D1, r6 + d, 16), a6)
-            a7 = vfma(qa, vbroadcast(D1, r7 + d, 16), a7)
+        a0, a1, a2, a3, a4, a5, a6, a7 = dot8x1(qp, base, dim, D1, r0, r1, r2, r3, r4, r5, r6, r7)
         if use_inv:
             a0 = vfma(a0, vbroadcast(inv, j, 16), z)
             a1 = vfma(a1, vbroadcast(inv, min(j + 1, last), 16), z)
