@@ -237,14 +237,7 @@ def _i8_rows2(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
     c = c0
     while c < c1:
         n, r0, r1, r2, r3 = _rows4(c, c1, dim)
-        a00 = z
-        a01 = z
-        a10 = z
-        a11 = z
-        a20 = z
-        a21 = z
-        a30 = z
-        a31 = z
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
         for t in range(0, dim, 4):
             qa = vload_i32(qu, base + t * LANES)
             qb = vload_i32(qu, b1 + t * LANES)
@@ -292,10 +285,7 @@ def _i8_rows1(qu, base, dim, C8, corr, qs, scale, c0, c1, out, W, col):
     c = c0
     while c < c1:
         n, r0, r1, r2, r3 = _rows4(c, c1, dim)
-        a0 = z
-        a1 = z
-        a2 = z
-        a3 = z
+        a0 = a1 = a2 = a3 = z
         for t in range(0, dim, 4):
             qa = vload_i32(qu, base + t * LANES)
             a0 = vdpbusd(a0, qa, vbroadcast_i32(C8, r0 + t))

@@ -63,14 +63,7 @@ def dot4x2(qp, base, b1, dim, D1, r0, r1, r2, r3):
     with the 2 x 16 query lanes of the packed vectors at ``base`` and ``b1``. Returns the
     8 accumulators ``(a00, a01, a10, a11, a20, a21, a30, a31)`` (row, vector)."""
     z = vsplat(np.float32(0.0), 16)
-    a00 = z
-    a01 = z
-    a10 = z
-    a11 = z
-    a20 = z
-    a21 = z
-    a30 = z
-    a31 = z
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
     for d in range(dim):
         qa = vload(qp, base + d * LANES, 16)
         qb = vload(qp, b1 + d * LANES, 16)
@@ -93,14 +86,7 @@ def dot4x2(qp, base, b1, dim, D1, r0, r1, r2, r3):
 def dot8x1(qp, base, dim, D1, r0, r1, r2, r3, r4, r5, r6, r7):
     """:func:`dot4x2` for one vector of 16 query lanes and 8 rows: ``(a0, ..., a7)``."""
     z = vsplat(np.float32(0.0), 16)
-    a0 = z
-    a1 = z
-    a2 = z
-    a3 = z
-    a4 = z
-    a5 = z
-    a6 = z
-    a7 = z
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
     for d in range(dim):
         qa = vload(qp, base + d * LANES, 16)
         a0 = vfma(qa, vbroadcast_f32(D1, r0 + d, 16), a0)
