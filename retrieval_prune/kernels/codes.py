@@ -572,7 +572,7 @@ def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out
     alike; int8 rows are a quarter of the bytes to fetch). One packed byte holds ``per =
     8 / nbits`` dimensions and ``lut[v]`` their ``per`` bucket values: with ``dim % 16 ==
     0`` the rows of 16 dimensions' bytes are concatenated into one 16-lane vector (one
-    add, store and norm update per 16 dimensions), else a byte is one ``per``-lane step.
+    add, store and norm update per 16 dimensions), else dimensions go one at a time.
     """
     base = code * dim
     zero = vsplat(np.float32(0.0), 16)
@@ -588,34 +588,19 @@ def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out
             vstore(out, o + 16 * g, x)
             acc = vfma(x, x, acc)
         return vhadd(acc)
-    nbytes = packed_row.shape[0]
-    tok = out[o : o + dim]
-    if per == 4:
-        acc4 = vsplat(np.float32(0.0), 4)
-        s4 = vsplat(s1, 4)
-        for b in range(nbytes):
-            c4 = vfma(vload_f32(src, base + 4 * b, 4), s4, vsplat(np.float32(0.0), 4))
-            x4 = vadd(c4, vload(lut, 4 * np.int64(packed_row[b]), 4))
-            vstore(tok, 4 * b, x4)
-            acc4 = vfma(x4, x4, acc4)
-        return vhadd(acc4)
-    if per == 8:
-        acc8 = vsplat(np.float32(0.0), 8)
-        s8 = vsplat(s1, 8)
-        for b in range(nbytes):
-            c8 = vfma(vload_f32(src, base + 8 * b, 8), s8, vsplat(np.float32(0.0), 8))
-            x8 = vadd(c8, vload(lut, 8 * np.int64(packed_row[b]), 8))
-            vstore(tok, 8 * b, x8)
-            acc8 = vfma(x8, x8, acc8)
-        return vhadd(acc8)
-    acc2 = vsplat(np.float32(0.0), 2)
-    s2 = vsplat(s1, 2)
-    for b in range(nbytes):
-        c2 = vfma(vload_f32(src, base + 2 * b, 2), s2, vsplat(np.float32(0.0), 2))
-        x2 = vadd(c2, vload(lut, 2 * np.int64(packed_row[b]), 2))
-        vstore(tok, 2 * b, x2)
-        acc2 = vfma(x2, x2, acc2)
-    return vhadd(acc2)
+    # other dimensions (rare): one value at a time, with the same strict (unfused) vector
+    # operations as above, so int8 and float32 codebooks still decode alike
+    z1 = vsplat(np.float32(0.0), 1)
+    s1v = vsplat(s1, 1)
+    acc1 = z1
+    for b in range(packed_row.shape[0]):
+        v = np.int64(packed_row[b]) * per
+        for t in range(per):
+            d = b * per + t
+            x = vadd(vfma(vload_f32(src, base + d, 1), s1v, z1), vload(lut, v + t, 1))
+            vstore(out, o + d, x)
+            acc1 = vfma(x, x, acc1)
+    return vhadd(acc1)
 
 
 @njit(**NJIT)
