@@ -122,3 +122,26 @@ def hamming_topk(q_codes_u8, codes_u8, k):
         dist[i, : order.size] = d[order]
         ids[i, : order.size] = order
     return dist, ids
+
+
+def assert_dot_close(actual: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """``actual`` equals ``a @ b.T`` within float32 rounding of *any* summation order.
+
+    The bound is derived from the operands, not fixed: a float32 dot product of length d
+    summed in any order (with or without FMA, 8 or 16 lanes) is within
+    ``d * eps32 * sum(|a_i * b_i|)`` of the exact value (Higham's gamma_d bound), so the
+    test passes on every CPU while still catching a wrong element or index.
+    """
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    exact = a64 @ b64.T
+    eps = float(np.finfo(np.float32).eps)
+    d = a64.shape[1]
+    bound = (d + 2) * eps * (np.abs(a64) @ np.abs(b64).T) + np.finfo(np.float32).tiny
+    err = np.abs(np.asarray(actual, np.float64) - exact)
+    bad = err > bound
+    if bad.any():
+        i = tuple(int(x) for x in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{int(bad.sum())} of {bad.size} entries off by more than the rounding bound; "
+            f"first at {i}: got {actual[i]!r}, exact {exact[i]!r}, bound {bound[i]:.3g}"
+        )
