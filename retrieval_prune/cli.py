@@ -100,7 +100,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from retrieval_prune.evaluation.runner import _cache_root, index_bytes
     from retrieval_prune.index.pipeline import make_pipeline
 
-    corpus = load_beir(args.data, split=args.split, max_docs=args.max_docs)
+    # A corpus alone is enough to index: queries.jsonl and qrels/ are optional here.
+    corpus = load_beir(args.data, split=args.split, max_docs=args.max_docs,
+                       require_judgements=False)
     pipe = make_pipeline(args.pipeline)
     encoder = Encoder.load(args.checkpoint)
     from retrieval_prune.encode.cache import EmbeddingCache

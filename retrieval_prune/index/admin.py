@@ -23,11 +23,13 @@ __all__ = ["read_documents", "inspect_index", "format_inspect", "add_index_parse
 def read_documents(path: str | Path) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """``(ids, texts, metadatas)`` from a BEIR folder (its ``corpus.jsonl``) or a JSONL file.
 
-    Each line is ``{"_id" or "id": ..., "text": ..., "title": ... (optional),
+    Each line is ``{"_id" or "id": str, "text": str, "title": str (optional),
     "metadata": {...} (optional)}``; the text is ``title + " " + text`` as in
-    :func:`~retrieval_prune.data.beir.load_beir`.
+    :func:`~retrieval_prune.data.beir.load_beir`. Every line is validated first (see
+    :func:`~retrieval_prune.data.beir.iter_documents`): the first bad one raises a one-line
+    :class:`ValueError` naming the file, the line and the field, before anything is returned.
     """
-    from retrieval_prune.data.beir import read_jsonl
+    from retrieval_prune.data.beir import iter_documents
 
     p = Path(path)
     if p.is_dir():
@@ -35,17 +37,11 @@ def read_documents(path: str | Path) -> tuple[list[str], list[str], list[dict[st
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist; give a BEIR folder or a .jsonl file of documents")
     ids, texts, metas = [], [], []
-    for n, obj in enumerate(read_jsonl(p), 1):
-        if not isinstance(obj, dict):
-            raise ValueError(f"{p}:{n}: expected a JSON object per line")
-        did = obj.get("_id", obj.get("id"))
-        if did is None or str(did) == "":
-            raise ValueError(f"{p}:{n}: the document has no '_id' (or 'id')")
-        title = (obj.get("title") or "").strip()
-        body = (obj.get("text") or "").strip()
-        ids.append(str(did))
+    for doc in iter_documents(p, require_text=True):
+        title, body = doc.title.strip(), doc.text.strip()
+        ids.append(doc.id)
         texts.append(f"{title} {body}".strip() if title else body)
-        meta = dict(obj.get("metadata") or {})
+        meta = dict(doc.metadata)
         if title:
             meta.setdefault("title", title)
         metas.append(meta)
