@@ -152,11 +152,13 @@ def test_bad_input_changes_nothing_on_disk(corpus, tmp_path):
     man_path = gen / "manifest.json"
     man = json.loads(man_path.read_text())
     man["format_version"] = storage.FORMAT_VERSION + 1
-    original = man_path.read_bytes()
+    original, pointer = man_path.read_bytes(), (root / "CURRENT").read_bytes()
     man_path.write_text(json.dumps(man))
+    (root / "CURRENT").write_text(f"{gen.name}\n{storage.sha256_file(man_path)}\n")
     with pytest.raises(ValueError, match="newer"):
         load_index(root)
     man_path.write_bytes(original)
+    (root / "CURRENT").write_bytes(pointer)
     victim = gen / "codes.residuals.npy"
     saved = victim.read_bytes()
     victim.unlink()

@@ -27,7 +27,9 @@ from retrieval_prune.index import storage
 from retrieval_prune.registry import Component
 from retrieval_prune.types import MultiVectors, SearchResult, check_k
 
-__all__ = ["MultiVectorIndex", "encode_strings", "decode_strings", "load_index", "INDEX_TYPES"]
+__all__ = [
+    "MultiVectorIndex", "encode_strings", "decode_strings", "restore_common", "load_index", "INDEX_TYPES",
+]
 
 #: index type name (manifest "type") -> class, filled by ``register_index_type``
 INDEX_TYPES: dict[str, type[MultiVectorIndex]] = {}
@@ -43,9 +45,41 @@ def encode_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = bytes(np.asarray(blob, dtype=np.uint8))
-    off = np.asarray(offsets).tolist()
-    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+    """Inverse of :func:`encode_strings`; raises ``ValueError`` on offsets that do not
+    walk the blob from 0 to its end, or bytes that are not UTF-8."""
+    off = np.asarray(offsets)
+    b = np.asarray(blob)
+    if off.ndim != 1 or off.shape[0] < 1 or off.dtype.kind not in "iu" or b.ndim != 1:
+        raise ValueError(f"string offsets of dtype {off.dtype} and shape {off.shape} are not a 1-D integer array")
+    if int(off[0]) != 0 or int(off[-1]) != b.shape[0] or (off.shape[0] > 1 and np.any(np.diff(off) < 0)):
+        raise ValueError("string offsets must rise from 0 to the blob's length")
+    raw = bytes(np.asarray(b, dtype=np.uint8))
+    lst = off.tolist()
+    return [raw[lst[i] : lst[i + 1]].decode("utf-8") for i in range(len(lst) - 1)]
+
+
+def restore_common(obj: MultiVectorIndex, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Restore what every index type saves (ids, tombstones, texts, spec, encoder, info),
+    checking that the arrays agree with each other."""
+    obj.dim = meta["dim"]
+    obj.doc_ids = decode_strings(arrays["doc_ids_blob"], arrays["doc_ids_offsets"])
+    obj._pos = {d: p for p, d in enumerate(obj.doc_ids)}
+    alive = np.asarray(arrays["alive"])
+    if alive.ndim != 1 or alive.dtype != np.uint8 or np.any(alive > 1):
+        raise storage.IndexCorruptedError("alive.npy must be a 1-D uint8 mask of 0/1")
+    obj.alive = np.array(alive, dtype=np.uint8)
+    if len(obj.alive) != len(obj.doc_ids):
+        raise storage.IndexCorruptedError("alive mask and id list disagree in length")
+    live_ids = [d for d, a in zip(obj.doc_ids, obj.alive.tolist(), strict=True) if a]
+    if len(set(live_ids)) != len(live_ids) or any(obj._pos[d] != p for p, d in enumerate(obj.doc_ids) if obj.alive[p]):
+        raise storage.IndexCorruptedError("doc_ids: a live id appears twice or is shadowed by a later position")
+    if "texts_blob" in arrays:
+        obj.texts = decode_strings(arrays["texts_blob"], arrays["texts_offsets"])
+        if len(obj.texts) != len(obj.doc_ids):
+            raise storage.IndexCorruptedError("texts and ids disagree in length")
+    obj.pipeline_spec = meta.get("pipeline") or meta["spec"]
+    obj.encoder_settings = meta.get("encoder")
+    obj.info = meta.get("info") or {}
 
 
 def register_index_type(cls: type[MultiVectorIndex]) -> type[MultiVectorIndex]:
@@ -72,6 +106,8 @@ class MultiVectorIndex(Component):
         self.encoder_settings: dict[str, Any] | None = None
         #: free-form build information (timings, reports) kept in the manifest
         self.info: dict[str, Any] = {}
+        #: ``(generation, manifest sha256)`` this index was loaded from (None: built here)
+        self.loaded_pointer: tuple[str, str] | None = None
 
     # -- hooks -------------------------------------------------------------------
     def _add_vectors(self, docs: MultiVectors) -> None:
@@ -229,17 +265,7 @@ class MultiVectorIndex(Component):
         obj = build(meta["spec"])
         if not isinstance(obj, cls):
             raise storage.IndexCorruptedError(f"manifest spec {meta['spec']!r} is not a {cls.__name__}")
-        obj.dim = meta["dim"]
-        obj.doc_ids = decode_strings(arrays["doc_ids_blob"], arrays["doc_ids_offsets"])
-        obj._pos = {d: p for p, d in enumerate(obj.doc_ids)}
-        obj.alive = np.array(arrays["alive"], dtype=np.uint8)
-        if len(obj.alive) != len(obj.doc_ids):
-            raise storage.IndexCorruptedError("alive mask and id list disagree in length")
-        if "texts_blob" in arrays:
-            obj.texts = decode_strings(arrays["texts_blob"], arrays["texts_offsets"])
-        obj.pipeline_spec = meta.get("pipeline", meta["spec"])
-        obj.encoder_settings = meta.get("encoder")
-        obj.info = meta.get("info", {})
+        restore_common(obj, meta, arrays)
         obj._load_state(arrays, meta)
         return obj
 
@@ -249,14 +275,33 @@ class MultiVectorIndex(Component):
 
 
 def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
-    """Open any saved index by the type its manifest declares (checksums verified)."""
+    """Open any saved index by the type its manifest declares (checksums verified).
+
+    The folder is treated as untrusted input: the manifest is checked against its schema
+    and every array against the others (shapes, ranges, offsets) before a kernel sees it;
+    anything wrong raises :class:`~retrieval_prune.index.storage.IndexCorruptedError`.
+    The loaded index remembers which generation it came from (``loaded_pointer``).
+    """
     import retrieval_prune.registry as registry
+    from retrieval_prune.index.manifest import ManifestError, check_index_meta
 
     registry.available()  # import the built-in index types
-    meta, arrays, _ = storage.read_generation(path, verify=verify)
-    itype = meta.get("type")
-    if itype not in INDEX_TYPES:
+    meta, arrays, gen = storage.read_generation(path, verify=verify)
+    where = gen / "manifest.json"
+    try:
+        check_index_meta(meta, set(INDEX_TYPES))
+    except ManifestError as exc:
+        raise storage.IndexCorruptedError(f"{where}: {exc}") from None
+    try:
+        index = INDEX_TYPES[meta["type"]]._from_saved(meta, arrays)
+    except storage.IndexCorruptedError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            UnicodeDecodeError, RecursionError) as exc:
+        # a field the schema let through but the index could not use: still a named error
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise storage.IndexCorruptedError(
-            f"{path}: unknown index type {itype!r}; known: {sorted(INDEX_TYPES)}"
-        )
-    return INDEX_TYPES[itype]._from_saved(meta, arrays)
+            f"{where}: the saved {meta['type']} index is inconsistent ({type(exc).__name__}: {msg})"
+        ) from None
+    index.loaded_pointer = meta["_pointer"]
+    return index

@@ -29,7 +29,7 @@ import numpy as np
 from retrieval_prune.compress.base import Codec
 from retrieval_prune.compress.chain import CodecChain
 from retrieval_prune.index import storage
-from retrieval_prune.index.base import MultiVectorIndex, decode_strings, register_index_type
+from retrieval_prune.index.base import MultiVectorIndex, register_index_type, restore_common
 from retrieval_prune.types import MultiVectors
 
 __all__ = ["CompressedIndex", "blocked_maxsim"]
@@ -314,17 +314,7 @@ class CompressedIndex(MultiVectorIndex):
     @classmethod
     def _from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompressedIndex:
         obj = cls.from_spec(meta["spec"])
-        obj.dim = meta["dim"]
-        obj.doc_ids = decode_strings(arrays["doc_ids_blob"], arrays["doc_ids_offsets"])
-        obj._pos = {d: p for p, d in enumerate(obj.doc_ids)}
-        obj.alive = np.array(arrays["alive"], dtype=np.uint8)
-        if len(obj.alive) != len(obj.doc_ids):
-            raise storage.IndexCorruptedError("alive mask and id list disagree in length")
-        if "texts_blob" in arrays:
-            obj.texts = decode_strings(arrays["texts_blob"], arrays["texts_offsets"])
-        obj.pipeline_spec = meta.get("pipeline", meta["spec"])
-        obj.encoder_settings = meta.get("encoder")
-        obj.info = meta.get("info", {})
+        restore_common(obj, meta, arrays)
         obj._load_state(arrays, meta)
         return obj
 

@@ -9,9 +9,10 @@ and map a found centroid to its documents through the inverted file. A query tok
 matters when K is large; approximate scoring and rerank are
 :class:`~retrieval_prune.index.staged.StagedIndex`'s.
 
-The graph is saved as hnswlib's native file inside the index generation; like every
-file it is size- and sha256-checked before hnswlib reads a byte (hnswlib itself checks
-nothing and can crash on a damaged file).
+The graph is not stored: loading rebuilds it from the stored centroids (seeded,
+single-threaded, so it is the graph the index was built with). hnswlib checks nothing in
+the files it loads and crashes on a crafted header even when checksums were recomputed, so
+no index file ever reaches it; `scripts/reliability.py` measures what the rebuild costs.
 
 Examples
 --------
@@ -32,7 +33,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from retrieval_prune.index import storage
 from retrieval_prune.index.base import register_index_type
 from retrieval_prune.index.staged import STAGE_PARAMS, StagedIndex
 from retrieval_prune.registry import Param, register
@@ -97,26 +97,16 @@ class HNSWIndex(StagedIndex):
 
     def _load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         super()._load_state(arrays, meta)
-        native = meta.get("_native_files", {})
-        if GRAPH_FILE not in native:
-            raise storage.IndexCorruptedError(f"saved hnsw index lacks its {GRAPH_FILE} file")
-        hnswlib = _hnswlib()
-        cent = self.storage_codec.centroids_
-        g = hnswlib.Index(space="ip", dim=int(cent.shape[1]))
-        # read_generation verified size and sha256 before this line
-        g.load_index(native[GRAPH_FILE], max_elements=int(cent.shape[0]))
-        if g.get_current_count() != cent.shape[0]:
-            raise storage.IndexCorruptedError(
-                f"{native[GRAPH_FILE]} holds {g.get_current_count()} nodes for {cent.shape[0]} centroids"
-            )
-        self._graph = g
+        # The graph is rebuilt from the stored (validated) centroids instead of handing
+        # hnswlib a file it would trust blindly: a crafted header crashes hnswlib in native
+        # code, checksums or not. The build is seeded and single-threaded, so the graph is
+        # the one the index was built with; indexes that still carry GRAPH_FILE ignore it.
+        self._after_fit()
 
     def _native_files(self, folder: Path) -> dict[str, Path]:
         if self._graph is None:
             raise ValueError("nothing to save: the hnsw graph is not built; add documents first")
-        path = Path(folder) / GRAPH_FILE
-        self._graph.save_index(str(path))
-        return {GRAPH_FILE: path}
+        return {}  # rebuilt from the centroids on load (see _load_state)
 
     def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray) -> np.ndarray:
         n = min(self.nprobe, table.shape[0])

@@ -26,27 +26,38 @@ sha256. :func:`read_generation` verifies them before any byte reaches numpy
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrieval_prune import __version__
+from retrieval_prune.index.manifest import ManifestError, check_manifest, parse_manifest
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IndexCorruptedError",
+    "IndexLockedError",
+    "IndexChangedError",
+    "SIGNING_KEY_ENV",
     "write_generation",
     "read_generation",
     "current_generation",
+    "live_pointer",
+    "write_lock",
+    "lock_holder",
     "sha256_file",
     "fsync_dir",
     "gc_generations",
@@ -56,13 +67,24 @@ __all__ = [
 
 FORMAT_NAME = "retrieval_prune.index"
 FORMAT_VERSION = 1
+#: environment variable holding the key of the optional HMAC signature of ``CURRENT``
+SIGNING_KEY_ENV = "RETRIEVAL_PRUNE_INDEX_KEY"
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_POINTER_RE = re.compile(r"^(gen-\d{6,})\n([0-9a-f]{64})\n$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_POINTER_RE = re.compile(r"^(gen-\d{6,})\n([0-9a-f]{64})\n(?:hmac-sha256:([0-9a-f]{64})\n)?$")
+_TMP_RE = re.compile(r"^\.(tmp-gen-|tmp-scratch-|CURRENT\.)(?:(\d+)[-.])?")
+#: a pointer file is a few lines; anything longer is not one
+_POINTER_MAX_BYTES = 256
+#: largest manifest read (a manifest lists files and settings; doc metadata can make it big)
+MANIFEST_MAX_BYTES = 1 << 30
 
 
 class IndexCorruptedError(ValueError):
-    """An index file is missing, truncated or changed; the message names the file."""
+    """An index file is missing, truncated, changed or malformed; the message names the file."""
+
+
+class IndexChangedError(ValueError):
+    """Another writer committed a generation since this copy of the index was loaded."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -89,33 +111,68 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _read_pointer(root: Path) -> tuple[str, str | None]:
-    """``(generation name, manifest sha256 or None)`` from ``root/CURRENT``."""
+def _signing_key() -> bytes | None:
+    key = os.environ.get(SIGNING_KEY_ENV)
+    return key.encode("utf-8") if key else None
+
+
+def _signature(key: bytes, gen_name: str, manifest_sha: str) -> str:
+    return hmac.new(key, f"{FORMAT_NAME}\n{gen_name}\n{manifest_sha}\n".encode(), "sha256").hexdigest()
+
+
+def _read_pointer(root: Path) -> tuple[str, str]:
+    """``(generation name, manifest sha256)`` from ``root/CURRENT``; the HMAC signature is
+    checked when ``RETRIEVAL_PRUNE_INDEX_KEY`` is set."""
     pointer = root / "CURRENT"
     if not pointer.is_file():
         raise IndexCorruptedError(
             f"{pointer} is missing: {root} is not a retrieval_prune index (or its build never finished)"
         )
-    raw = pointer.read_bytes()
+    with open(pointer, "rb") as f:
+        raw = f.read(_POINTER_MAX_BYTES + 1)
+    if len(raw) > _POINTER_MAX_BYTES:
+        raise IndexCorruptedError(f"{pointer} is over {_POINTER_MAX_BYTES} bytes; not a pointer file")
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise IndexCorruptedError(f"{pointer} is not ASCII text; the pointer file is corrupted") from None
     m = _POINTER_RE.match(text)
     if m is None:
-        name = text.strip()
-        if _GEN_RE.match(name) and "\n" not in name:  # legacy pointer: the name only
-            return name, None
+        if _GEN_RE.match(text.strip()):
+            raise IndexCorruptedError(
+                f"{pointer} names {text.strip()!r} without the manifest's sha256 (a pointer "
+                "written before checksummed pointers, or an edited one); unchecked pointers are "
+                "refused -- rebuild the index (`retrieval-prune build`)"
+            )
         raise IndexCorruptedError(f"{pointer} holds {text[:80]!r}, not a generation name and checksum")
-    return m.group(1), m.group(2)
+    name, sha, sig = m.group(1), m.group(2), m.group(3)
+    key = _signing_key()
+    if key is not None:
+        if sig is None:
+            raise IndexCorruptedError(
+                f"{pointer} is not signed, but {SIGNING_KEY_ENV} is set: the folder was not "
+                "written with this key (unset the variable to open unsigned indexes)"
+            )
+        if not hmac.compare_digest(sig, _signature(key, name, sha)):
+            raise IndexCorruptedError(
+                f"{pointer}: the HMAC signature does not match {SIGNING_KEY_ENV} (another key, "
+                "or the index was changed after it was signed)"
+            )
+    return name, sha
+
+
+def live_pointer(root: str | Path) -> tuple[str, str]:
+    """``(generation name, manifest sha256)`` of the live generation of index ``root``."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no index at {root}; build one with `retrieval-prune build`")
+    return _read_pointer(root)
 
 
 def current_generation(root: str | Path) -> Path:
     """The folder of the live generation of index ``root``."""
     root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"no index at {root}; build one with `retrieval-prune build`")
-    name, _ = _read_pointer(root)
+    name, _ = live_pointer(root)
     gen = root / name
     if not gen.is_dir():
         raise IndexCorruptedError(f"{root / 'CURRENT'} names {name}, but {gen} does not exist")
@@ -127,6 +184,129 @@ def _next_generation_name(root: Path) -> str:
     return f"gen-{(max(nums) + 1 if nums else 1):06d}"
 
 
+# -- the write lock ----------------------------------------------------------------------------
+#: lock file inside an index folder; writers hold an exclusive ``flock`` on it
+LOCK_FILE = ".lock"
+#: seconds a writer waits for another writer by default (``RETRIEVAL_PRUNE_LOCK_TIMEOUT``)
+DEFAULT_LOCK_TIMEOUT = 300.0
+
+
+class IndexLockedError(TimeoutError):
+    """Another writer held an index folder's write lock for longer than the timeout."""
+
+
+_held: dict[str, list[Any]] = {}  # real path -> [fd, depth] for locks this process holds
+_thread_locks: dict[str, threading.RLock] = {}
+_registry_guard = threading.Lock()
+
+
+def _lock_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        raw = os.environ.get("RETRIEVAL_PRUNE_LOCK_TIMEOUT")
+        if raw is None:
+            return DEFAULT_LOCK_TIMEOUT
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"RETRIEVAL_PRUNE_LOCK_TIMEOUT={raw!r} is not a number of seconds"
+            ) from None
+    if not timeout >= 0:  # also rejects NaN
+        raise ValueError(f"lock timeout {timeout!r} must be a number of seconds >= 0")
+    return float(timeout)
+
+
+def lock_holder(root: str | Path) -> int | None:
+    """PID recorded by the process that holds (or last held) ``root``'s write lock."""
+    try:
+        raw = (Path(root) / LOCK_FILE).read_bytes()[:32]
+        return int(raw.split()[0]) if raw.strip() else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def write_lock(root: str | Path, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the exclusive write lock of index folder ``root`` (created if missing).
+
+    Every writer -- ``add``, ``delete``, ``compact``, a build over an existing folder, a
+    serving process's saves -- holds it over its whole read-modify-write, so two writers
+    never interleave. Readers never take it. The lock is an ``fcntl.flock`` on
+    ``root/.lock``: the kernel releases it when its holder dies, so a crashed writer never
+    leaves the folder locked. Re-entrant within one thread; other threads and processes
+    wait up to ``timeout`` seconds (default ``RETRIEVAL_PRUNE_LOCK_TIMEOUT`` or 300), then
+    :class:`IndexLockedError` names the holder's PID.
+    """
+    import fcntl
+
+    root = Path(root)
+    wait = _lock_timeout(timeout)
+    root.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(root)
+    with _registry_guard:
+        rlock = _thread_locks.setdefault(key, threading.RLock())
+    deadline = time.monotonic() + wait
+    if not rlock.acquire(timeout=wait):
+        raise IndexLockedError(
+            f"{root} is locked by another thread of this process (pid {os.getpid()}); "
+            f"waited {wait:g} s"
+        )
+    try:
+        entry = _held.get(key)
+        if entry is not None:  # this thread already holds it
+            entry[1] += 1
+            try:
+                yield root
+            finally:
+                entry[1] -= 1
+            return
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            delay = 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = lock_holder(root)
+                        raise IndexLockedError(
+                            f"{root} is locked by another writer (pid {holder if holder else '?'}); "
+                            f"waited {wait:g} s. Wait for it to finish or raise --lock-timeout "
+                            "(RETRIEVAL_PRUNE_LOCK_TIMEOUT)"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _held[key] = [fd, 1]
+            try:
+                yield root
+            finally:
+                del _held[key]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    finally:
+        rlock.release()
+
+
+def _tmp_owner(name: str) -> int | None:
+    """PID in a temporary entry's name (``.tmp-gen-<pid>-...``), None for old-style names."""
+    m = _TMP_RE.match(name)
+    return int(m.group(2)) if m and m.group(2) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def write_generation(
     root: str | Path,
     arrays: Mapping[str, np.ndarray],
@@ -134,6 +314,7 @@ def write_generation(
     files: Mapping[str, Path] | None = None,
     keep_old: int = 1,
     npy_files: Mapping[str, Path] | None = None,
+    lock_timeout: float | None = None,
 ) -> Path:
     """Write a new generation of index ``root`` and make it current atomically.
 
@@ -148,12 +329,26 @@ def write_generation(
     npy_files : name -> path of ``.npy`` files already written (e.g. by
         :class:`NpyAppender`, in a :func:`scratch_dir` of ``root``); they are moved
         (renamed, no copy) into the generation and load as arrays ``name``.
+    lock_timeout : seconds to wait for another writer (see :func:`write_lock`).
+
+    The commit runs under :func:`write_lock`; a caller doing a read-modify-write holds
+    that lock itself from the read on. When ``RETRIEVAL_PRUNE_INDEX_KEY`` is set, the
+    pointer is signed with it (HMAC-SHA256 over the generation and manifest checksum).
 
     Returns the path of the new generation folder.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-gen-", dir=root))
+    with write_lock(root, lock_timeout):
+        gen = _commit(root, arrays, meta, files, npy_files)
+        gc_generations(root, keep_old=keep_old)
+    return gen
+
+
+def _commit(root, arrays, meta, files, npy_files) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-gen-{os.getpid()}-", dir=root))
+    gen: Path | None = None
+    ptr_tmp = root / f".CURRENT.{os.getpid()}.tmp"
+    switched = False
     try:
         entries: dict[str, dict[str, Any]] = {}
         for name, arr in arrays.items():
@@ -179,7 +374,7 @@ def write_generation(
             dtype, shape = _npy_header(tmp / fname)
             entries[fname] = {"kind": "npy", "dtype": dtype.str, "shape": list(shape)}
         for name, src in (files or {}).items():
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.match(name) or name == "manifest.json":
                 raise ValueError(f"file name {name!r} must be letters, digits, '_', '.', '-'")
             shutil.copyfile(src, tmp / name)
             _fsync_file(tmp / name)
@@ -196,7 +391,7 @@ def write_generation(
             "files": entries,
         }
         with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, sort_keys=False)
+            json.dump(manifest, f, indent=1, sort_keys=False, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
@@ -205,72 +400,84 @@ def write_generation(
         os.rename(tmp, gen)
         fsync_dir(root)
         # atomically point CURRENT at the new generation
-        ptr_tmp = root / f".CURRENT.{os.getpid()}.tmp"
+        sha = sha256_file(gen / "manifest.json")
+        key = _signing_key()
+        sig = f"hmac-sha256:{_signature(key, gen_name, sha)}\n" if key is not None else ""
         with open(ptr_tmp, "w", encoding="utf-8") as f:
-            f.write(f"{gen_name}\n{sha256_file(gen / 'manifest.json')}\n")
+            f.write(f"{gen_name}\n{sha}\n{sig}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(ptr_tmp, root / "CURRENT")
+        switched = True
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        ptr_tmp.unlink(missing_ok=True)
+        if gen is not None and not switched:
+            shutil.rmtree(gen, ignore_errors=True)
         raise
-    gc_generations(root, keep_old=keep_old)
     return gen
 
 
 def gc_generations(root: str | Path, keep_old: int = 1) -> None:
-    """Remove unreferenced generations (keeping ``keep_old`` older ones) and temp leftovers."""
+    """Remove what is provably abandoned: generations older than the live one beyond
+    ``keep_old`` (kept for readers that pinned them), generations newer than the live one
+    (a writer died between renaming its folder and switching ``CURRENT``; under the lock
+    no other writer is in flight) and temporary entries whose writing process is gone.
+
+    Runs under the write lock (re-entrant: a writer calls it from its own commit)."""
     root = Path(root)
-    try:
-        live = current_generation(root).name
-    except (FileNotFoundError, IndexCorruptedError):
+    if not (root / "CURRENT").is_file():
         return
-    gens = sorted(
-        (p for p in root.iterdir() if _GEN_RE.match(p.name) and p.name != live),
-        key=lambda p: int(_GEN_RE.match(p.name).group(1)),  # type: ignore[union-attr]
-    )
-    live_num = int(live.split("-")[1])
-    older = [g for g in gens if int(g.name.split("-")[1]) < live_num]
-    newer = [g for g in gens if int(g.name.split("-")[1]) > live_num]  # crashed writers
-    for g in older[: max(0, len(older) - keep_old)] + newer:
-        shutil.rmtree(g, ignore_errors=True)
-    for p in root.iterdir():
-        if p.name.startswith((".tmp-gen-", ".tmp-scratch-")) or (
-            p.name.startswith(".CURRENT.") and p.name.endswith(".tmp")
-        ):
-            if p.is_dir():
+    with write_lock(root):
+        try:
+            live = current_generation(root).name
+        except (FileNotFoundError, IndexCorruptedError):
+            return
+        gens = sorted(
+            (p for p in root.iterdir() if _GEN_RE.match(p.name) and p.name != live),
+            key=lambda p: int(_GEN_RE.match(p.name).group(1)),  # type: ignore[union-attr]
+        )
+        live_num = int(live.split("-")[1])
+        older = [g for g in gens if int(g.name.split("-")[1]) < live_num]
+        newer = [g for g in gens if int(g.name.split("-")[1]) > live_num]  # crashed writers
+        for g in older[: max(0, len(older) - keep_old)] + newer:
+            shutil.rmtree(g, ignore_errors=True)
+        me = os.getpid()
+        for p in root.iterdir():
+            if not _TMP_RE.match(p.name):
+                continue
+            owner = _tmp_owner(p.name)
+            if owner is not None and (owner == me or _pid_alive(owner)):
+                continue  # a live writer's scratch (a streaming build before its commit)
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
 
 
-def _read_manifest(gen: Path, sha: str | None = None) -> dict[str, Any]:
+def _read_manifest(gen: Path, sha: str) -> dict[str, Any]:
+    """The manifest of generation ``gen``: its sha256 checked against ``CURRENT``'s before a
+    byte is parsed, then parsed with bounded nesting and validated against the schema."""
     mpath = gen / "manifest.json"
     if not mpath.is_file():
         raise IndexCorruptedError(f"{mpath} is missing; the index generation is incomplete")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexCorruptedError(f"{mpath} is not valid JSON ({exc}); the index is corrupted") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise IndexCorruptedError(
-            f"{mpath}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
-            f"is not {FORMAT_NAME!r}"
-        )
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{mpath}: format version {version!r} is newer than this package reads "
-            f"({FORMAT_VERSION}); upgrade retrieval-prune to open it"
-        )
-    if sha is not None and sha256_file(mpath) != sha:
+    size = mpath.stat().st_size
+    if size > MANIFEST_MAX_BYTES:
+        raise IndexCorruptedError(f"{mpath} has {size} bytes, over the {MANIFEST_MAX_BYTES} limit")
+    raw = mpath.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != sha:
         raise IndexCorruptedError(
             f"{mpath} fails the sha256 recorded in {gen.parent / 'CURRENT'} (manifest.json or "
             "CURRENT changed on disk)"
         )
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("meta"), dict):
-        raise IndexCorruptedError(f"{mpath} lacks its 'files' or 'meta' section")
+    try:
+        manifest = parse_manifest(raw)
+        check_manifest(manifest, FORMAT_NAME, FORMAT_VERSION)
+    except ManifestError as exc:
+        if exc.newer_version:
+            raise ValueError(f"{mpath}: {exc}; upgrade retrieval-prune to open it") from None
+        raise IndexCorruptedError(f"{mpath}: {exc}") from None
     return manifest
 
 
@@ -279,41 +486,49 @@ def read_generation(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
     """Open the live generation: ``(meta, arrays, generation_folder)``.
 
-    Every file's size and sha256 are checked against the manifest before it is
-    loaded (``verify=False`` checks sizes only); ``.npy`` files open with
-    ``mmap_mode="r"`` and ``allow_pickle=False``. Native files are returned as paths
-    in ``meta["_native_files"]`` after verification.
+    ``CURRENT``'s checksum of the manifest is checked before the manifest is parsed; the
+    manifest is validated against its schema (types, ranges, plain file names); every
+    file's size and sha256 are checked against it before the file is loaded
+    (``verify=False`` checks sizes only); ``.npy`` headers must match the manifest's dtype
+    and shape; ``.npy`` files open with ``mmap_mode="r"`` and ``allow_pickle=False``.
+    Native files are returned as paths in ``meta["_native_files"]`` after verification.
     """
     root = Path(root)
-    current_generation(root)  # clear errors for a missing index / pointer / folder
-    name, sha = _read_pointer(root)  # read once: a writer may swap CURRENT meanwhile
+    name, sha = live_pointer(root)  # read once: a writer may swap CURRENT meanwhile
     gen = root / name
-    if not gen.is_dir():
+    if not gen.is_dir() or gen.is_symlink():
         raise IndexCorruptedError(f"{root / 'CURRENT'} names {name}, but {gen} does not exist")
     manifest = _read_manifest(gen, sha)
     arrays: dict[str, np.ndarray] = {}
     native: dict[str, str] = {}
     for fname, entry in manifest["files"].items():
         p = gen / fname
-        if not p.is_file():
-            raise IndexCorruptedError(f"index file {p} is missing")
+        if not p.is_file() or p.is_symlink():
+            raise IndexCorruptedError(f"index file {p} is missing (or not a plain file)")
         size = p.stat().st_size
-        if size != entry.get("size"):
+        if size != entry["size"]:
             raise IndexCorruptedError(
-                f"index file {p} has {size} bytes, manifest says {entry.get('size')} (truncated or changed)"
+                f"index file {p} has {size} bytes, manifest says {entry['size']} (truncated or changed)"
             )
-        if verify and sha256_file(p) != entry.get("sha256"):
+        if verify and sha256_file(p) != entry["sha256"]:
             raise IndexCorruptedError(f"index file {p} fails its sha256 check (changed on disk)")
-        if entry.get("kind") == "npy":
+        if entry["kind"] == "npy":
             try:
-                arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+                dtype, shape = _npy_header(p)
             except Exception as exc:  # header damage that slipped past a size-only check
                 raise IndexCorruptedError(f"index file {p} cannot be read as .npy: {exc}") from None
-            if arr.dtype.str != entry.get("dtype") or list(arr.shape) != entry.get("shape"):
+            if dtype.str != entry["dtype"] or list(shape) != entry["shape"]:
                 raise IndexCorruptedError(
-                    f"index file {p} holds {arr.dtype.str}{list(arr.shape)}, manifest says "
-                    f"{entry.get('dtype')}{entry.get('shape')}"
+                    f"index file {p} holds {dtype.str}{list(shape)}, manifest says "
+                    f"{entry['dtype']}{entry['shape']}"
                 )
+            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if size < need:
+                raise IndexCorruptedError(f"index file {p} is {size} bytes, too short for {dtype.str}{list(shape)}")
+            try:
+                arr = np.load(p, mmap_mode="r" if mmap and need else None, allow_pickle=False)
+            except Exception as exc:
+                raise IndexCorruptedError(f"index file {p} cannot be read as .npy: {exc}") from None
             arrays[fname[: -len(".npy")]] = arr
         else:
             native[fname] = str(p)
@@ -321,6 +536,7 @@ def read_generation(
     meta["_native_files"] = native
     meta["_format_version"] = manifest["format_version"]
     meta["_package_version"] = manifest.get("package_version")
+    meta["_pointer"] = (name, sha)
     return meta, arrays, gen
 
 
@@ -343,11 +559,11 @@ def _npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
 
 def scratch_dir(root: str | Path) -> Path:
     """A fresh folder inside index ``root`` for files streamed before a commit (same
-    filesystem, so :func:`write_generation` can rename them); a crashed writer's
-    leftovers are removed by the next commit."""
+    filesystem, so :func:`write_generation` can rename them); its name carries this
+    process's PID, so the next commit removes it only once this process is gone."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".tmp-scratch-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f".tmp-scratch-{os.getpid()}-", dir=root))
 
 
 class NpyAppender:

@@ -5,6 +5,12 @@ encodes a query with the encoder the index records, replays the pipeline's token
 searches, and returns :class:`Hit` objects carrying the stored text and metadata. It also
 adds and deletes documents (encoded the same way) and saves a new index generation.
 
+Processes: every write to an index folder holds the folder's write lock
+(:func:`~retrieval_prune.index.storage.write_lock`). :meth:`Retriever.transaction` holds it
+over a whole read-modify-write -- it first brings memory up to the generation on disk if
+another writer committed meanwhile, and on a failed save puts memory back to what is on
+disk -- so two processes (a server and a CLI ``add``, say) never lose each other's writes.
+
 Thread safety: searches hold a shared (read) lock and run together; ``add`` / ``delete`` /
 ``compact`` hold the exclusive (write) lock, so a search sees the index either before or
 after a mutation, never half of one. Encoder calls are serialised by their own lock (HF
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +44,7 @@ __all__ = [
     "UnknownIdError",
     "load_encoder",
     "METADATA_KEY",
+    "Transaction",
 ]
 
 #: key of ``index.info`` holding ``{doc_id: metadata dict}`` (documents with metadata only)
@@ -52,6 +60,13 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class Transaction:
+    """What :meth:`Retriever.transaction` committed: the live generation's folder."""
+
+    generation: Path | None = None
 
 
 class TextEncoder(Protocol):
@@ -217,6 +232,9 @@ class Retriever:
         self._save_lock = threading.Lock()
         self._version = 0  # bumped by every mutation
         self._saved: tuple[Path, int] | None = (self.path, 0) if self.path is not None else None
+        #: ``(generation, manifest sha256)`` of ``path`` that memory equals (None: unknown)
+        self._disk: tuple[str, str] | None = index.loaded_pointer if self.path is not None else None
+        self._txn_lock = threading.RLock()
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -413,24 +431,104 @@ class Retriever:
             self.index.compact()
             self._version += 1
 
-    def save(self, path: str | Path | None = None) -> Path:
+    def save(self, path: str | Path | None = None, *, lock_timeout: float | None = None) -> Path:
         """Write the current state as a new crash-safe generation; returns its folder.
 
-        Runs under the shared lock (searches go on). Concurrent saves are serialised and a
-        save that finds the same state already on disk writes nothing, so a newer
-        generation is never replaced by an older state.
+        Runs under the shared lock (searches go on) and the folder's write lock. Concurrent
+        saves are serialised and a save that finds the same state already on disk writes
+        nothing, so a newer generation is never replaced by an older state. When another
+        process committed to the folder since this retriever loaded or saved it, the save is
+        refused with :class:`~retrieval_prune.index.storage.IndexChangedError` instead of
+        overwriting that commit: mutate inside :meth:`transaction` to merge.
         """
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("this retriever has no index folder; call save(path)")
-        with self._save_lock, self._lock.read():
-            if self._saved == (target, self._version) and (target / "CURRENT").is_file():
+        with self._save_lock, storage.write_lock(target, lock_timeout), self._lock.read():
+            on_disk = self._pointer(target)
+            if target == self.path and self._disk is not None and on_disk not in (None, self._disk):
+                raise storage.IndexChangedError(
+                    f"{target} changed on disk since this retriever read it ({self._disk[0]} -> "
+                    f"{on_disk[0]}): another writer committed; make changes inside "
+                    "`with retriever.transaction():`, which merges them"
+                )
+            if self._saved == (target, self._version) and on_disk is not None:
                 return storage.current_generation(target)
             gen = self.index.save(target)
             self._saved = (target, self._version)
             if self.path is None:
                 self.path = target
+            if target == self.path:
+                self._disk = self._pointer(target)
             return gen
+
+    @staticmethod
+    def _pointer(path: Path) -> tuple[str, str] | None:
+        if not (path / "CURRENT").is_file():
+            return None
+        return storage.live_pointer(path)
+
+    @contextmanager
+    def transaction(self, *, lock_timeout: float | None = None) -> Iterator[Transaction]:
+        """Change the index folder as one writer among many processes.
+
+        Holds the folder's write lock throughout; first reloads the index when another
+        writer committed since this retriever last read or wrote it; on normal exit saves a
+        new generation when anything changed (``tx.generation`` names it). When the body
+        raises, or the save fails, memory is put back to the generation on disk and the
+        error propagates, so memory never runs ahead of disk.
+
+        Examples
+        --------
+        >>> import tempfile, pathlib
+        >>> from retrieval_prune.retrieve import HashingEncoder, Retriever
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "ix"
+        >>> r = Retriever.from_texts(["a"], ["red apples"], HashingEncoder(), path=folder)
+        >>> with r.transaction() as tx:
+        ...     r.add(["b"], ["green pears"])
+        >>> tx.generation.name, len(Retriever.from_index(folder))
+        ('gen-000002', 2)
+        """
+        if self.path is None:
+            raise ValueError("transaction() needs a retriever with an index folder (from_index or path=)")
+        tx = Transaction()
+        with self._txn_lock, storage.write_lock(self.path, lock_timeout):
+            on_disk = self._pointer(self.path)
+            if on_disk is not None and on_disk != self._disk:
+                self._reload()
+            start = self._version
+            try:
+                yield tx
+                if self._version != start or on_disk is None:
+                    tx.generation = self.save()
+                else:
+                    tx.generation = storage.current_generation(self.path)
+            except BaseException:
+                if self._version != start and self._pointer(self.path) is not None:
+                    self._reload()
+                raise
+
+    def _reload(self) -> None:
+        """Replace the in-memory index with the live generation of :attr:`path`."""
+        index = load_index(self.path)
+        if index.encoder_settings:
+            diff = settings_diff(index.encoder_settings, dict(self.encoder.settings))
+            if diff:
+                raise ValueError(
+                    f"{self.path} was rebuilt with another encoder ({'; '.join(diff[:3])}); "
+                    "open it again with that encoder"
+                )
+        pipeline = (
+            self.pipeline if index.pipeline_spec == self.index.pipeline_spec
+            else make_pipeline(index.pipeline_spec)
+        )
+        with self._lock.write():
+            self.index = index
+            self.pipeline = pipeline
+            self._metadata = index.info.setdefault(METADATA_KEY, {})
+            self._version += 1
+            self._saved = (self.path, self._version)
+            self._disk = index.loaded_pointer
 
     # -- description ----------------------------------------------------------------------
     def __len__(self) -> int:
