@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-k {args.k}: k must be >= 1")
     try:
         return int(args.func(args) or 0)
+    except TimeoutError as exc:  # another writer held the index's lock past --lock-timeout
+        print(f"retrieval-prune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"retrieval-prune {args.command}: error: {msg}", file=sys.stderr)

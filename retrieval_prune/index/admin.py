@@ -149,11 +149,14 @@ def format_inspect(d: dict[str, Any]) -> str:
 def cmd_add(args: argparse.Namespace) -> int:
     from retrieval_prune.retrieve import Retriever
 
-    ids, texts, metas = read_documents(args.data)
+    ids, texts, metas = read_documents(args.data)  # every record checked before any write
     retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint, auto_compact=None)
-    before = len(retriever.index)
-    retriever.add(ids, texts, metas)  # duplicates / clashes raise before anything is written
-    gen = retriever.save()
+    # the folder's write lock is held from here to the commit; a writer that committed since
+    # from_index is merged in first, so neither writer's documents are lost
+    with retriever.transaction(lock_timeout=args.lock_timeout) as tx:
+        before = len(retriever.index)
+        retriever.add(ids, texts, metas)  # duplicates / clashes raise before anything is written
+    gen = tx.generation
     drift = getattr(retriever.index, "drift", None)
     report = {
         "index": str(args.index),
@@ -184,14 +187,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from retrieval_prune.index.base import load_index
 
-    index = load_index(args.index)
     ids = list(dict.fromkeys(str(i) for i in args.ids))
-    index.delete(ids)  # unknown ids raise KeyError before anything is written
-    meta = index.info.get("doc_metadata")
-    if isinstance(meta, dict):
-        for i in ids:
-            meta.pop(i, None)
-    gen = index.save(args.index)
+    with storage.write_lock(args.index, args.lock_timeout):  # read-modify-write, one writer
+        index = load_index(args.index)
+        index.delete(ids)  # unknown ids raise KeyError before anything is written
+        meta = index.info.get("doc_metadata")
+        if isinstance(meta, dict):
+            for i in ids:
+                meta.pop(i, None)
+        gen = index.save(args.index)
     _print({"index": str(args.index), "generation": gen.name, "deleted": len(ids),
             "documents": len(index), "tombstones": index.n_positions - len(index)}, args.json,
            f"deleted {len(ids)} documents from {args.index} ({gen.name}); {len(index)} live, "
@@ -202,10 +206,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     from retrieval_prune.index.base import load_index
 
-    index = load_index(args.index)
-    dropped = index.n_positions - len(index)
-    index.compact()
-    gen = index.save(args.index)
+    with storage.write_lock(args.index, args.lock_timeout):  # read-modify-write, one writer
+        index = load_index(args.index)
+        dropped = index.n_positions - len(index)
+        index.compact()
+        gen = index.save(args.index)
     _print({"index": str(args.index), "generation": gen.name, "dropped": dropped,
             "documents": len(index)}, args.json,
            f"compacted {args.index} ({gen.name}): {dropped} tombstones dropped, "
@@ -223,6 +228,12 @@ def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
     print(json.dumps(obj) if as_json else text)
 
 
+def _lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another writer of the index (default "
+                        "$RETRIEVAL_PRUNE_LOCK_TIMEOUT or 300)")
+
+
 def add_index_parsers(sub: Any) -> None:
     """Register ``add``, ``delete``, ``compact`` and ``inspect`` on a subparsers object."""
     a = sub.add_parser("add", help="add documents to an index (encoded like the index)",
@@ -233,6 +244,7 @@ def add_index_parsers(sub: Any) -> None:
                    help="BEIR folder (corpus.jsonl) or a .jsonl file of {_id, title, text}")
     a.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint folder, for an index built with a trained checkpoint")
+    _lock_arg(a)
     a.add_argument("--json", action="store_true", help="print a JSON report")
     a.set_defaults(func=cmd_add)
 
@@ -240,12 +252,14 @@ def add_index_parsers(sub: Any) -> None:
                        description="Tombstone documents by external id; `compact` drops them.")
     d.add_argument("index", metavar="INDEX")
     d.add_argument("ids", nargs="+", metavar="ID")
+    _lock_arg(d)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_delete)
 
     c = sub.add_parser("compact", help="rewrite an index without its tombstones",
                        description="Rewrite the index without deleted documents; ids survive.")
     c.add_argument("index", metavar="INDEX")
+    _lock_arg(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compact)
 

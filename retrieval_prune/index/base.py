@@ -31,6 +31,10 @@ __all__ = [
     "MultiVectorIndex", "encode_strings", "decode_strings", "restore_common", "load_index", "INDEX_TYPES",
 ]
 
+#: most queries in one ``search`` call, most vectors in one query (named errors beyond)
+MAX_QUERIES = 100_000
+MAX_QUERY_VECTORS = 8192
+
 #: index type name (manifest "type") -> class, filled by ``register_index_type``
 INDEX_TYPES: dict[str, type[MultiVectorIndex]] = {}
 
@@ -202,14 +206,28 @@ class MultiVectorIndex(Component):
         self.alive = np.ones(len(self.doc_ids), np.uint8)
 
     def search(self, queries: MultiVectors, k: int = 10) -> SearchResult:
-        """Top-``k`` live documents per query, best first (ids -1 padded)."""
+        """Top-``k`` live documents per query, best first (ids -1 padded).
+
+        ``k`` is clamped to the number of live documents, so the result has
+        ``min(k, len(self))`` columns (one when the index is empty)."""
         return self._checked_search(queries, k, self._search)
 
     def _checked_search(self, queries: MultiVectors, k: int, scorer) -> SearchResult:
         """Validate ``queries`` and ``k``, answer empty cases, else ``scorer(queries, k)``."""
-        k = check_k(k)
+        # at most as many results as live documents: a huge k must not allocate huge arrays
+        k = min(check_k(k), max(1, int(np.count_nonzero(self.alive))))
         if not isinstance(queries, MultiVectors):
             raise TypeError(f"queries must be MultiVectors, got {type(queries).__name__}")
+        if len(queries) > MAX_QUERIES:
+            raise ValueError(
+                f"{len(queries)} queries in one search; at most {MAX_QUERIES} (search in batches)"
+            )
+        q_len = np.diff(queries.offsets)
+        if q_len.size and int(q_len.max()) > MAX_QUERY_VECTORS:
+            raise ValueError(
+                f"query {int(np.argmax(q_len))} has {int(q_len.max())} vectors; at most "
+                f"{MAX_QUERY_VECTORS} per query (prune or pool it first)"
+            )
         if self.dim is not None and queries.dim != self.dim:
             raise ValueError(
                 f"queries have dim={queries.dim} but the index holds dim={self.dim} vectors; "

@@ -47,6 +47,10 @@ __all__ = [
     "Transaction",
 ]
 
+#: most queries per ``retrieve_batch`` call and characters per query (named errors beyond)
+MAX_BATCH = 10_000
+MAX_QUERY_CHARS = 100_000
+
 #: key of ``index.info`` holding ``{doc_id: metadata dict}`` (documents with metadata only)
 METADATA_KEY = "doc_metadata"
 
@@ -302,9 +306,17 @@ class Retriever:
     def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
         """The ``k`` best documents for each query (fewer when the index holds fewer)."""
         queries = _str_list(queries, "queries", allow_empty_items=False)
-        k = check_k(k)
+        k = check_k(k)  # the index clamps it to its live documents before allocating
         if not queries:
             return []
+        if len(queries) > MAX_BATCH:
+            raise ValueError(f"{len(queries)} queries in one call; at most {MAX_BATCH} (split the batch)")
+        for i, q in enumerate(queries):
+            if len(q) > MAX_QUERY_CHARS:
+                raise ValueError(
+                    f"queries[{i}] has {len(q)} characters; at most {MAX_QUERY_CHARS} (the encoder "
+                    "keeps only its first query_maxlen tokens anyway)"
+                )
         with self._encode_lock:
             qv = self.encoder.encode_queries(queries, progress=False)
         qv = self.pipeline.transform_queries(qv)
