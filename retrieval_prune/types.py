@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["MultiVectors", "SearchResult", "Corpus", "check_k"]
+__all__ = ["MultiVectors", "SearchResult", "Corpus", "check_k", "all_finite"]
+
+
+def all_finite(arr: np.ndarray, chunk_rows: int = 1 << 16) -> bool:
+    """``np.isfinite(arr).all()`` in row blocks: bounded memory on a memory-mapped array."""
+    a = np.asarray(arr)
+    if a.dtype.kind != "f" or a.size == 0:
+        return True
+    if a.ndim < 2:
+        a = a.reshape(-1, 1)
+    return all(bool(np.isfinite(a[i : i + chunk_rows]).all()) for i in range(0, a.shape[0], chunk_rows))
 
 
 def check_k(k: object) -> int:
@@ -197,7 +207,7 @@ class MultiVectors:
 
     def validate_finite(self, what: str = "embeddings") -> MultiVectors:
         """Raise ``ValueError`` if any vector holds NaN or Inf; returns self."""
-        if not np.isfinite(self.embeddings).all():
+        if not all_finite(self.embeddings):
             bad = np.flatnonzero(~np.isfinite(self.embeddings).all(axis=1))
             tok = int(bad[0])
             d = int(np.searchsorted(self.offsets, tok, side="right") - 1)

@@ -146,6 +146,10 @@ def nearest_centroid(
     return out[:, 0] if k == 1 else out
 
 
+#: largest vector dimension an index may declare
+MAX_DIM = 65536
+
+
 class Codec(Component):
     """Base class of every codec; subclasses implement the ``_``-prefixed hooks."""
 
@@ -297,11 +301,22 @@ class Codec(Component):
         missing = [n for n in ("dim_in", *self.state_names) if n not in arrays]
         if missing:
             raise ValueError(f"{self.spec}: saved codec state lacks {missing}")
+        d = np.asarray(arrays["dim_in"])
+        if d.shape != (1,) or d.dtype.kind not in "iu" or not 1 <= int(d[0]) <= MAX_DIM:
+            raise ValueError(f"{self.spec}: dim_in must be one integer in 1..{MAX_DIM}, got {d.tolist()[:4]}")
         for name in self.state_names:
-            setattr(self, name + "_", np.array(arrays[name]))  # small: copy off the mmap
-        self.dim_in_ = int(np.asarray(arrays["dim_in"])[0])
+            a = np.array(arrays[name])  # small: copy off the mmap
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"{self.spec}: saved state {name!r} holds NaN or Inf")
+            setattr(self, name + "_", a)
+        self.dim_in_ = int(d[0])
         self._after_load()
+        self._check_state()
         return self
+
+    def _check_state(self) -> None:
+        """Raise ``ValueError`` unless the loaded state fits the spec and ``dim_in`` (shapes,
+        ranges), so that no kernel indexes outside an array. Subclasses extend it."""
 
     def _after_load(self) -> None:
         pass

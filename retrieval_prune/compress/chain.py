@@ -170,5 +170,13 @@ class CodecChain:
         steps = self.steps + ([self.storage] if self._implicit_storage else [])
         for i, s in enumerate(steps):
             prefix = f"codec.{i}."
-            s.load_state({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+            try:
+                s.load_state({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+            except ValueError as exc:
+                raise ValueError(f"codec.{i}.*: {exc}") from None
+        for a, b in zip(steps, steps[1:]):
+            if a.dim_out != b.dim_in:
+                raise ValueError(
+                    f"codec chain: {a.name} puts out dim={a.dim_out} but {b.name} takes dim={b.dim_in}"
+                )
         return self

@@ -125,6 +125,14 @@ class PCACodec(Codec):
         flip[flip == 0] = 1
         self.components_ = np.ascontiguousarray(comp * flip, dtype=np.float32)  # (d, dim)
 
+    def _check_state(self) -> None:
+        if self.components_.shape != (self.dim_in, int(self.dim)):
+            raise ValueError(
+                f"{self.spec}: components of shape {self.components_.shape}, expected "
+                f"({self.dim_in}, {self.dim})"
+            )
+        self.components_ = np.ascontiguousarray(self.components_, dtype=np.float32)
+
     def transform(self, tokens: np.ndarray) -> np.ndarray:
         """Projected float32 ``(n, dim)`` vectors (the search space of a chain)."""
         self._check_fitted()

@@ -229,6 +229,25 @@ class _CentroidCodec(Codec):
             self._centroids_i8 = self.centroid_scale_ = None
             self.centroids_ = np.ascontiguousarray(c, dtype=np.float32)
 
+    def _check_state(self) -> None:
+        c = self.centroids_
+        if c.ndim != 2 or c.shape[1] != self.dim_in or not 1 <= c.shape[0] <= 65536:
+            raise ValueError(
+                f"{self.spec}: centroids of shape {c.shape} do not fit dim_in={self.dim_in} "
+                "(1..65536 centroids of that dimension)"
+            )
+        s = self.centroid_scale_
+        if s is not None and (s.shape != (c.shape[0],) or not np.isfinite(s).all() or (s < 0).any()):
+            raise ValueError(f"{self.spec}: centroid_scale must be {c.shape[0]} finite values >= 0")
+
+    def check_codes(self, parts: dict[str, np.ndarray]) -> None:
+        """Every stored id names a centroid (a kernel would read outside the codebook)."""
+        codes = parts.get("codes")
+        if codes is not None and codes.size and int(np.max(codes)) >= self.n_centroids:
+            raise ValueError(
+                f"codes.codes holds id {int(np.max(codes))}, but there are {self.n_centroids} centroids"
+            )
+
     def query_table(self, queries: np.ndarray) -> np.ndarray:
         """Per-token score table ``float32 (K, n_q)`` for code-table MaxSim."""
         self._check_fitted()
@@ -366,6 +385,12 @@ class HierarchicalKMeansCodec(_CentroidCodec):
                 f"hkmeans: k={self.k} must be a power of two (the id is a tree path); "
                 f"use k={lo} or k={lo * 2}"
             )
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        k = self.centroids_.shape[0]
+        if k < 2 or k & (k - 1):
+            raise ValueError(f"{self.spec}: {k} leaves is not a power of two >= 2 (ids are tree paths)")
 
     def _fit(self, tokens, rng, n_total, seed) -> None:
         k = self._resolve_k(tokens.shape[0], n_total)

@@ -188,3 +188,14 @@ class ResidualCodec(_CentroidCodec):
         super()._after_load()
         self.cutoffs_ = np.asarray(self.cutoffs_, np.float32)
         self.bucket_values_ = np.asarray(self.bucket_values_, np.float32)
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        b = 1 << self.nbits
+        if self.cutoffs_.shape != (b - 1,) or self.bucket_values_.shape != (b,):
+            raise ValueError(
+                f"{self.spec}: cutoffs {self.cutoffs_.shape} / bucket_values "
+                f"{self.bucket_values_.shape} must have {b - 1} / {b} entries for nbits={self.nbits}"
+            )
+        if (self.dim_in * self.nbits) % 8:
+            raise ValueError(f"{self.spec}: dim_in={self.dim_in} does not fill whole bytes at nbits={self.nbits}")

@@ -30,7 +30,7 @@ from retrieval_prune.compress.base import Codec
 from retrieval_prune.compress.chain import CodecChain
 from retrieval_prune.index import storage
 from retrieval_prune.index.base import MultiVectorIndex, register_index_type, restore_common
-from retrieval_prune.types import MultiVectors
+from retrieval_prune.types import MultiVectors, all_finite
 
 __all__ = ["CompressedIndex", "blocked_maxsim"]
 
@@ -309,7 +309,20 @@ class CompressedIndex(MultiVectorIndex):
             self._parts[name] = arr  # stays memory-mapped
         if self._offsets.shape[0] - 1 != len(self.doc_ids):
             raise storage.IndexCorruptedError("offsets and ids disagree in length")
-        MultiVectors(np.zeros((int(self._offsets[-1]), 1), np.float32), self._offsets)
+        off = self._offsets
+        if off[0] != 0 or (off.shape[0] > 1 and np.any(np.diff(off) < 0)):
+            raise storage.IndexCorruptedError("offsets.npy must rise from 0 (document token ranges)")
+        if self.dim != self.chain.dim_in:
+            raise storage.IndexCorruptedError(
+                f"manifest dim={self.dim} but the codec chain takes dim={self.chain.dim_in}"
+            )
+        # every stored value a kernel will index with or compute on is checked once here
+        check_codes = getattr(self.storage_codec, "check_codes", None)
+        if check_codes is not None:
+            check_codes(self._parts)
+        for name, arr in self._parts.items():
+            if not all_finite(arr):
+                raise storage.IndexCorruptedError(f"codes.{name} holds NaN or Inf")
 
     @classmethod
     def _from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompressedIndex:

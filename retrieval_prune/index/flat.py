@@ -68,9 +68,11 @@ class FlatIndex(MultiVectorIndex):
 
     def _load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self._emb, self._offsets = arrays["embeddings"], np.asarray(arrays["offsets"])
-        MultiVectors(self._emb, self._offsets)  # validates shapes / monotone offsets
+        MultiVectors(self._emb, self._offsets).validate_finite("embeddings.npy")  # shapes, offsets
         if self._offsets.shape[0] - 1 != len(self.doc_ids):
             raise ValueError("offsets and ids disagree in length")
+        if self.dim is not None and self._emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings.npy has dim {self._emb.shape[1]}, manifest says {self.dim}")
 
     def _compact_vectors(self, keep: np.ndarray) -> None:
         kept = self.vectors[keep]
