@@ -496,15 +496,19 @@ def read_generation(
     root = Path(root)
     name, sha = live_pointer(root)  # read once: a writer may swap CURRENT meanwhile
     gen = root / name
-    if not gen.is_dir() or gen.is_symlink():
+    if gen.is_symlink():
+        raise IndexCorruptedError(f"{gen} is a symbolic link; a generation must be a folder inside {root}")
+    if not gen.is_dir():
         raise IndexCorruptedError(f"{root / 'CURRENT'} names {name}, but {gen} does not exist")
     manifest = _read_manifest(gen, sha)
     arrays: dict[str, np.ndarray] = {}
     native: dict[str, str] = {}
     for fname, entry in manifest["files"].items():
         p = gen / fname
-        if not p.is_file() or p.is_symlink():
-            raise IndexCorruptedError(f"index file {p} is missing (or not a plain file)")
+        if p.is_symlink():
+            raise IndexCorruptedError(f"index file {p} is a symbolic link; index files must be plain files")
+        if not p.is_file():
+            raise IndexCorruptedError(f"index file {p} is missing")
         size = p.stat().st_size
         if size != entry["size"]:
             raise IndexCorruptedError(
