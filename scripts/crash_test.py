@@ -49,6 +49,8 @@ SPECS = {
     "hnsw": "residual:k=64,nbits=2 | hnsw:nprobe=64,n_candidates=100000,n_rerank=100000,ef=64",
 }
 OPS = ("build", "build_fresh", "add", "delete", "compact")
+#: the operations --per-op counts landed kills for
+PER_OP_OPS = ("build", "add", "delete", "compact")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -217,14 +219,25 @@ def crash_phase(args, workdir: Path, corpus: Path) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
         return durations[key][:2]
 
-    for it in range(args.iterations):
+    per_op = getattr(args, "per_op", 0) or 0
+    landed = {op: 0 for op in OPS}
+    counts["landed_by_op"] = landed
+    counts["leftover_after_kill"] = 0
+    counts["leftover_after_next_writer"] = 0
+    n_iter = args.iterations if not per_op else 4 * per_op * len(OPS)
+    for it in range(n_iter):
+        if per_op and all(landed[o] >= per_op for o in PER_OP_OPS):
+            break
         kind = "ivf" if it % 2 == 0 else "hnsw"
         root = roots[kind]
         old_index = load_index(root)
         live = [old_index.doc_ids[i] for i in np.flatnonzero(np.asarray(old_index.alive))]
         live_num = {int(x.split("-")[1]) for x in live}
         unused = [i for i in range(n) if i not in live_num]
-        op = rng.choice(OPS)
+        if per_op:  # the op furthest from its target of landed kills
+            op = min(PER_OP_OPS, key=lambda o: (landed[o], rng.random()))
+        else:
+            op = rng.choice(OPS)
         if op == "add" and not unused:
             op = "delete"
         if op == "delete" and len(live) <= 50:
@@ -288,8 +301,18 @@ def crash_phase(args, workdir: Path, corpus: Path) -> dict:
         else:
             counts[verdict] += 1
             by[verdict] += 1
+        landed[op] += int(not finished)
         if root.exists():
-            counts["leftover_temp"] += sum(p.name.startswith(".tmp") for p in root.iterdir())
+            left = sum(p.name.startswith((".tmp", ".CURRENT.")) for p in root.iterdir())
+            counts["leftover_temp"] += left
+            counts["leftover_after_kill"] += left
+            if index is not None and left:
+                index.save(root)  # the next writer must clean what the killed one left
+                after = sum(p.name.startswith((".tmp", ".CURRENT.")) for p in root.iterdir())
+                counts["leftover_after_next_writer"] += after
+                if after:
+                    counts["violations"] += 1
+                    detail += f" {after} temporary entries survived the next writer"
         events.append({"it": it, "kind": kind, "op": op, "kill_after_s": round(kill_after, 4),
                        "op_s": round(t_op, 4), "save_start_s": round(t_save, 4),
                        "finished": finished, "verdict": verdict, "detail": detail})
@@ -368,6 +391,9 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=1200, help="synthetic documents (default 1200)")
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-op", type=int, default=0, metavar="N",
+                    help="run until each of build/add/delete/compact has N kills that landed "
+                         "before the operation finished (overrides --iterations)")
     ap.add_argument("--save-bias", type=float, default=0.5,
                     help="fraction of kills aimed inside the save (default 0.5)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder)")
@@ -385,7 +411,7 @@ def main() -> int:
     t0 = time.perf_counter()
     report = {"iterations_requested": args.iterations, "seed": args.seed, "docs": args.docs,
               "specs": SPECS}
-    report["crash"] = crash_phase(args, workdir, corpus) if args.iterations else None
+    report["crash"] = crash_phase(args, workdir, corpus) if args.iterations or args.per_op else None
     report["corruption"] = None if args.skip_corruption else corruption_phase(args, workdir, corpus)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     c, k = report["crash"], report["corruption"]
