@@ -174,7 +174,7 @@ class CodecChain:
                 s.load_state({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
             except ValueError as exc:
                 raise ValueError(f"codec.{i}.*: {exc}") from None
-        for a, b in zip(steps, steps[1:]):
+        for a, b in zip(steps, steps[1:], strict=False):
             if a.dim_out != b.dim_in:
                 raise ValueError(
                     f"codec chain: {a.name} puts out dim={a.dim_out} but {b.name} takes dim={b.dim_in}"

@@ -520,6 +520,26 @@ class Retriever:
                     self._reload()
                 raise
 
+    def refresh(self) -> bool:
+        """Adopt a generation another process committed to :attr:`path` since this retriever
+        last read or wrote it (a serving process calls this before answering reads). Cheap
+        when nothing changed (reads the small ``CURRENT`` file); does nothing while this
+        retriever holds changes it has not saved. Returns whether it reloaded."""
+        if self.path is None or self._disk is None:
+            return False
+        try:
+            on_disk = self._pointer(self.path)
+        except (OSError, ValueError):
+            return False  # a writer is mid-swap or the folder is damaged: keep serving memory
+        if on_disk is None or on_disk == self._disk or self._saved != (self.path, self._version):
+            return False
+        with self._txn_lock:
+            try:
+                self._reload()
+            except (OSError, ValueError):
+                return False
+        return True
+
     def _reload(self) -> None:
         """Replace the in-memory index with the live generation of :attr:`path`."""
         index = load_index(self.path)

@@ -6,14 +6,39 @@ Endpoints (JSON; see :func:`create_app`)::
                               -> {"results": [[{"id": ..., "score": ...}, ...], ...]}
     POST   /documents         {"documents": [{"id": "...", "text": "...", "metadata": {}}]}
                               -> 201 {"added": n, "ids": [...], "generation": "gen-..."}
+                              (needs the bearer token)
     GET    /documents/{id}    -> {"id", "text", "metadata"}
-    DELETE /documents/{id}    -> {"deleted": id, "generation": "gen-..."}
+    DELETE /documents/{id}    -> {"deleted": id, "generation": "gen-..."}  (needs the token)
     GET    /health            -> {"status": "ok", "docs": n}
     GET    /stats             -> docs, vectors, bytes, pipeline spec, encoder, limits
 
-Errors are ``{"error": "<message>"}`` with 400 (body is not JSON), 404 (unknown id or
-path), 409 (id already present), 413 (batch over the limit), 422 (invalid field).
-The server has no authentication: it listens on loopback unless told otherwise.
+Access model:
+
+- **Mutation needs a bearer token.** ``POST /documents`` and ``DELETE /documents/{id}``
+  need ``Authorization: Bearer <token>``; the token comes from ``--token-file PATH`` or
+  the ``RETRIEVAL_PRUNE_TOKEN`` environment variable (``create_app(token=...)``). Without
+  a configured token the server is read-only: those endpoints answer 403. Searches, reads,
+  ``/health`` and ``/stats`` need no token. The token is checked (in constant time)
+  before the request body is read.
+- **Loopback and a Host allow-list.** The server listens on 127.0.0.1 unless told
+  otherwise, and answers only requests whose ``Host`` header names an allowed host
+  (``localhost``, ``127.0.0.1``, ``::1``, the ``--host`` it binds when that is a specific
+  address, and every ``--allowed-host``; ``*`` allows any), so a web page cannot reach it
+  through DNS rebinding. The token travels in clear text: put a TLS proxy in front of a
+  server that listens beyond this machine.
+
+Errors are ``{"error": "<message>"}``: 400 (body is not JSON, not UTF-8, nested too
+deeply, or a string holds a lone surrogate), 401 (no or malformed bearer token), 403
+(wrong token, or mutation disabled), 404 (unknown id or path), 409 (id already present),
+413 (batch over the limit), 421 (Host not allowed), 422 (invalid field), 500 (internal
+error, or a failed save: the change was NOT applied), 503 (another writer holds the
+index folder's write lock). Messages never hold a traceback or an absolute path: the
+index folder is written ``<index>`` and other absolute paths by their last component;
+the full error goes to the server log.
+
+Adds and deletes run inside :meth:`Retriever.transaction`: a new index generation is
+saved before the answer, another process's commits are merged first, and a failed save
+leaves memory equal to the generation on disk.
 
 FastAPI and uvicorn are imported only when the server is built, so this module (and the
 CLI, which imports it) loads without them.
@@ -23,18 +48,112 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from retrieval_prune.retrieve.retriever import Retriever
 
-__all__ = ["add_serve_parser", "create_app", "cmd_serve", "SERVE_INSTALL_HINT"]
+__all__ = [
+    "add_serve_parser",
+    "create_app",
+    "cmd_serve",
+    "SERVE_INSTALL_HINT",
+    "TOKEN_ENV",
+    "LOOPBACK_HOSTS",
+]
 
 SERVE_INSTALL_HINT = "pip install 'retrieval-prune[serve]'"
 
+#: environment variable holding the bearer token for adds and deletes
+TOKEN_ENV = "RETRIEVAL_PRUNE_TOKEN"
+
+#: Host names always served (any port)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 #: default request limits (per request)
 DEFAULT_LIMITS = {"max_batch": 256, "max_documents": 1000, "max_k": 1000, "max_text_chars": 100_000}
+
+_TOKEN_FILE_MAX_BYTES = 4096
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def check_token(token: Any, source: str = "token") -> str:
+    """``token`` if it is a usable bearer token (visible ASCII, no spaces), else ValueError."""
+    if not isinstance(token, str):
+        raise TypeError(f"{source} must be a str, got {type(token).__name__}")
+    if not token:
+        raise ValueError(f"{source} is empty; give a secret of visible ASCII characters")
+    bad = [c for c in token if not 0x21 <= ord(c) <= 0x7E]
+    if bad:
+        raise ValueError(
+            f"{source} holds {len(bad)} character(s) that are not visible ASCII (space, "
+            "control or non-ASCII); a bearer token must be visible ASCII without spaces"
+        )
+    return token
+
+
+def normalize_host(value: str) -> str | None:
+    """Host name of a ``Host`` header or an allow-list entry: port and IPv6 brackets
+    stripped, lower case, one trailing dot dropped, IP addresses in canonical form.
+    None when ``value`` is not a host name."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            return None
+        name, rest = v[1:end], v[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+    elif v.count(":") == 1:
+        name, port = v.split(":")
+        if not port.isdigit():
+            return None
+    else:  # a plain name, or a bare IPv6 address (allow-list entries)
+        name = v
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or any(c in name for c in " \t\r\n/\\@?#[]") or ".." in name:
+        return None
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        return None if ":" in name else name
+
+
+def default_allowed_hosts(bind_host: str | None = None) -> list[str]:
+    """The loopback names, plus ``bind_host`` when it is a specific (non-wildcard) host."""
+    out = list(LOOPBACK_HOSTS)
+    if bind_host is not None and bind_host.strip() not in _WILDCARD_HOSTS:
+        name = normalize_host(bind_host)
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def _allowed_set(allowed_hosts: Iterable[str] | None) -> frozenset[str] | None:
+    """Normalised allow-list (always with the loopback names); None means any host."""
+    names = set(LOOPBACK_HOSTS)
+    if allowed_hosts is None:
+        return frozenset(names)
+    if isinstance(allowed_hosts, str):
+        raise TypeError("allowed_hosts must be a list of host names, not a str")
+    for h in allowed_hosts:
+        if not isinstance(h, str):
+            raise TypeError(f"allowed host {h!r} is a {type(h).__name__}, expected str")
+        if h.strip() == "*":
+            return None
+        name = normalize_host(h)
+        if name is None:
+            raise ValueError(
+                f"allowed host {h!r} is not a host name or IP address (e.g. search.internal, "
+                "10.0.0.5, [fd00::1]; '*' allows any)"
+            )
+        names.add(name)
+    return frozenset(names)
 
 
 def create_app(
@@ -45,6 +164,8 @@ def create_app(
     max_k: int = DEFAULT_LIMITS["max_k"],
     max_text_chars: int = DEFAULT_LIMITS["max_text_chars"],
     persist: bool | None = None,
+    token: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> Any:
     """A FastAPI app serving ``retriever``.
 
@@ -60,8 +181,14 @@ def create_app(
     max_text_chars : int
         Longest query or document text, in characters.
     persist : bool, optional
-        Save a new index generation after every add / delete before answering. Default:
-        True when the retriever has an index folder.
+        Save a new index generation after every add / delete before answering (inside
+        :meth:`Retriever.transaction`). Default: True when the retriever has an index folder.
+    token : str, optional
+        Bearer token that ``POST /documents`` and ``DELETE /documents/{id}`` need. None:
+        the server is read-only (those endpoints answer 403).
+    allowed_hosts : list of str, optional
+        Host names (``Host`` header, port ignored) served besides the loopback names
+        ``localhost``, ``127.0.0.1`` and ``::1``; ``"*"`` serves any. Others get 421.
     """
     try:
         from retrieval_prune.retrieve import _http
@@ -77,6 +204,9 @@ def create_app(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be an int >= 1")
+    if token is not None:
+        check_token(token)
+    hosts = _allowed_set(allowed_hosts)
     if persist is None:
         persist = retriever.path is not None
     if persist and retriever.path is None:
@@ -90,6 +220,8 @@ def create_app(
         max_k=max_k,
         max_text_chars=max_text_chars,
         persist=persist,
+        token=token,
+        allowed_hosts=hosts,
     )
 
 
@@ -100,6 +232,85 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class _ServeError(Exception):
+    """A configuration problem reported as ``retrieval-prune serve: error: ...`` (exit 2)."""
+
+
+def read_token(token_file: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token from ``token_file`` (trailing newlines stripped), else from
+    ``$RETRIEVAL_PRUNE_TOKEN``, else None; raises :class:`_ServeError` when it is unusable."""
+    env = os.environ if environ is None else environ
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            if not path.is_file():
+                raise _ServeError(f"--token-file {token_file}: not a readable file")
+            if path.stat().st_size > _TOKEN_FILE_MAX_BYTES:
+                raise _ServeError(
+                    f"--token-file {token_file}: over {_TOKEN_FILE_MAX_BYTES} bytes; "
+                    "it should hold the token alone"
+                )
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise _ServeError(
+                f"--token-file {token_file}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _ServeError(f"--token-file {token_file}: not UTF-8 text") from None
+        source = f"--token-file {token_file}"
+    elif TOKEN_ENV in env:
+        text, source = env[TOKEN_ENV], TOKEN_ENV
+    else:
+        return None
+    text = text.rstrip("\r\n")
+    try:
+        return check_token(text, source)
+    except ValueError as exc:
+        raise _ServeError(str(exc)) from None
+
+
+def startup_warnings(
+    host: str, token: str | None, allowed_hosts: Iterable[str] | None, token_file: str | None
+) -> list[str]:
+    """Warnings ``serve`` prints before it starts (exposure, token, Host allow-list)."""
+    out = []
+    if not _is_loopback(host):
+        if token is None:
+            out.append(
+                f"listening on {host}, not loopback: any machine that can reach it can search "
+                f"the index (read-only: no token is set, so adds and deletes are refused)"
+            )
+        else:
+            out.append(
+                f"listening on {host}, not loopback: any machine that can reach it can search "
+                "the index, and whoever holds the bearer token can add and delete documents; "
+                "the token travels in clear text over HTTP (put a TLS proxy in front)"
+            )
+        hosts = list(allowed_hosts or [])
+        if host.strip() in _WILDCARD_HOSTS and not hosts:
+            out.append(
+                f"{host} is a wildcard address: only requests naming {', '.join(LOOPBACK_HOSTS)} "
+                "in their Host header are served (others get 421); add the names clients use "
+                "with --allowed-host NAME"
+            )
+    if any(h.strip() == "*" for h in allowed_hosts or []):
+        out.append(
+            "--allowed-host '*' serves any Host header: a web page can then reach this "
+            "server through DNS rebinding"
+        )
+    if token_file is not None:
+        try:
+            if Path(token_file).stat().st_mode & 0o077:
+                out.append(f"--token-file {token_file} is readable by other users (chmod 600 it)")
+        except OSError:
+            pass
+    if token is not None and len(token) < 16:
+        out.append(f"the bearer token has only {len(token)} characters; use a long random one")
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -114,12 +325,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from retrieval_prune.retrieve.retriever import Retriever
 
-    if not _is_loopback(args.host):
-        print(
-            f"retrieval-prune serve: warning: listening on {args.host}, not loopback; the API "
-            "has no authentication and lets any client add and delete documents",
-            file=sys.stderr,
-        )
+    token_file = getattr(args, "token_file", None)
+    extra_hosts = list(getattr(args, "allowed_host", None) or [])
+    try:
+        token = read_token(token_file)
+        allowed = default_allowed_hosts(args.host) + extra_hosts
+        _allowed_set(allowed)  # refuse a bad --allowed-host before loading the index
+    except (_ServeError, ValueError) as exc:
+        print(f"retrieval-prune serve: error: {exc}", file=sys.stderr)
+        return 2
+    for line in startup_warnings(args.host, token, extra_hosts, token_file):
+        print(f"retrieval-prune serve: warning: {line}", file=sys.stderr)
     retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint)
     app = create_app(
         retriever,
@@ -127,10 +343,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_documents=args.max_documents,
         max_k=args.max_k,
         persist=not args.no_persist,
+        token=token,
+        allowed_hosts=allowed,
+    )
+    mode = (
+        "adds/deletes need the bearer token"
+        if token
+        else (f"read-only (no --token-file or {TOKEN_ENV})")
     )
     print(
         f"serving {args.index}: {len(retriever)} documents, pipeline "
-        f"{retriever.index.pipeline_spec!r} on http://{args.host}:{args.port}",
+        f"{retriever.index.pipeline_spec!r} on http://{args.host}:{args.port}; {mode}",
         file=sys.stderr,
     )
     uvicorn.run(
@@ -155,14 +378,30 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "serve",
         help="serve an index over HTTP (search, add, delete)",
         description="Serve an index over HTTP: POST /search, POST /documents, "
-        "DELETE /documents/{id}, GET /health, GET /stats. "
-        f"Needs {SERVE_INSTALL_HINT}.",
+        "DELETE /documents/{id}, GET /documents/{id}, GET /health, GET /stats. Adds and "
+        f"deletes need a bearer token (--token-file or ${TOKEN_ENV}); without one the "
+        f"server is read-only. Needs {SERVE_INSTALL_HINT}.",
     )
     sp.add_argument("index", metavar="INDEX", help="index folder (written by `build`)")
     sp.add_argument(
         "--host",
         default="127.0.0.1",
         help="interface to listen on (default 127.0.0.1: this machine only)",
+    )
+    sp.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the bearer token that adds and deletes need (default: "
+        f"${TOKEN_ENV}; with neither, the server is read-only)",
+    )
+    sp.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to serve besides localhost, 127.0.0.1, ::1 and the --host "
+        "address (repeatable; '*' serves any, giving up the DNS-rebinding guard)",
     )
     sp.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     sp.add_argument(
