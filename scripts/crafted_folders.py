@@ -279,6 +279,8 @@ def graph_edits(rng: random.Random) -> list[tuple[str, object]]:
     out = []
     for i in range(12):
         out.append((f"crafted centroids.hnsw #{i}", ("graph", i)))
+    for i in range(24):  # the real graph of an hnsw index with bytes changed
+        out.append((f"edited real graph #{i}", ("graph", i)))
     return out
 
 
@@ -290,7 +292,8 @@ def all_cases(bases: dict[str, Path], per_kind: int, seed: int) -> list[dict]:
         pool = [("manifest", d) for d, _ in manifest_edits(rng, man)]
         pool += [("array", d) for d, _ in array_edits(rng, _gen(root), man)]
         pool += [("pointer", d) for d, _ in pointer_edits(root)]
-        pool += [("graph", d) for d, _ in graph_edits(rng)]
+        graph = [("graph", d) for d, _ in graph_edits(rng)]
+        pool += graph if kind == "hnsw" else graph[:4]  # other kinds ignore a graph file
         must = [p for p in pool if p[0] in ("pointer", "graph")]
         rest = [p for p in pool if p[0] not in ("pointer", "graph")]
         rng.shuffle(rest)
@@ -350,6 +353,19 @@ def apply_case(case: dict, root: Path, seed: int) -> None:
             target.unlink()
             os.symlink(other, target)
             recommit(root, man)
+        return
+    if group == "graph" and desc.startswith("edited") and (gen / "centroids.hnsw").is_file():
+        i = int(desc.split("#")[1])
+        g = random.Random(f"real-graph-{seed}-{i}")
+        raw = bytearray((gen / "centroids.hnsw").read_bytes())
+        if i % 6 == 5:
+            raw = raw[: g.randrange(len(raw))]
+        else:
+            for _ in range(1 + i % 4):  # header fields, link counts, neighbour ids, vectors
+                at = g.randrange(96) if i % 3 == 0 else g.randrange(len(raw))
+                raw[at] = g.randrange(256)
+        (gen / "centroids.hnsw").write_bytes(bytes(raw))
+        recommit(root, man)
         return
     if group == "graph":
         i = int(desc.split("#")[1])

@@ -41,7 +41,7 @@ def test_every_damaged_file_is_named(saved):
     gen = storage.current_generation(root)
     rng = np.random.default_rng(0)
     files = [root / "CURRENT", *sorted(p for p in gen.iterdir() if p.is_file())]
-    assert not any(p.name == "centroids.hnsw" for p in files)  # rebuilt on load, never read
+    assert any(p.name == "centroids.hnsw" for p in files)
     for path in files:
         original = path.read_bytes()
         damages = [original[: len(original) // 2], original[:-1]]
