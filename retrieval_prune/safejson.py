@@ -78,16 +78,22 @@ def loads_bounded(
         raise JSONLimitError("JSON nested too deeply to parse") from None
 
 
-def value_depth(obj: Any) -> int:
-    """Nesting depth of a parsed JSON value (iterative; a scalar is 0, ``[]`` is 1)."""
+def value_depth(value: Any, limit: int | None = None) -> int:
+    """Nesting depth of a parsed JSON value, measured iteratively (no recursion).
+
+    A scalar has depth 0, ``{}`` and ``[]`` depth 1, ``{"a": [1]}`` depth 2. With
+    ``limit``, the walk stops as soon as the depth exceeds it (returning ``limit + 1``).
+    """
+    if not isinstance(value, (dict, list)):
+        return 0
     deepest = 0
-    stack = [(obj, 0)]
+    stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
-        x, d = stack.pop()
-        if isinstance(x, dict):
-            deepest = max(deepest, d + 1)
-            stack.extend((v, d + 1) for v in x.values())
-        elif isinstance(x, list):
-            deepest = max(deepest, d + 1)
-            stack.extend((v, d + 1) for v in x)
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if limit is not None and deepest > limit:
+                return deepest
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return deepest

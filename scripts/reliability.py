@@ -78,6 +78,22 @@ def write_docs(path: Path, ids: list[str], seed: int) -> None:
             f.write(json.dumps({"_id": i, "title": "", "text": " ".join(rng.choices(WORDS, k=10))}) + "\n")
 
 
+def start_add(root: Path, data: Path) -> subprocess.Popen:
+    """``retrieval-prune add ROOT --data DATA`` as a child process (not waited for)."""
+    return subprocess.Popen([sys.executable, "-m", "retrieval_prune.cli", "add", str(root), "--data", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def opened_live_ids(path: Path, out: dict, t: int) -> set[str] | None:
+    """The live ids, or None after counting an index that does not open."""
+    try:
+        return live_ids(path)
+    except Exception as exc:
+        out["unopenable"] += 1
+        out["failures"].append(f"trial {t}: index does not open: {exc}")
+        return None
+
+
 def live_ids(path: Path) -> set[str]:
     from retrieval_prune.index.base import load_index
 
@@ -105,15 +121,10 @@ def writers_phase(work: Path, trials: int, progress: bool) -> dict:
             f = work / f"docs-{t}-{w}.jsonl"
             write_docs(f, [f"t{t}-w{w}-{i}" for i in range(4)], seed=t * 2 + w)
             files.append(f)
-        procs = [subprocess.Popen([sys.executable, "-m", "retrieval_prune.cli", "add", str(root),
-                                   "--data", str(f), "--json"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_env()) for f in files]
+        procs = [start_add(root, f) for f in files]
         res = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
-        try:
-            live = live_ids(root)
-        except Exception as exc:
-            out["unopenable"] += 1
-            out["failures"].append(f"trial {t}: index does not open: {exc}")
+        live = opened_live_ids(root, out, t)
+        if live is None:
             continue
         ok = 0
         for w, (rc, _, err) in enumerate(res):
@@ -207,18 +218,13 @@ def server_writers_phase(work: Path, trials: int, progress: bool) -> dict:
                                                            {"documents": docs}, auth)
 
             th = threading.Thread(target=post)
-            p = subprocess.Popen([sys.executable, "-m", "retrieval_prune.cli", "add", str(root),
-                                  "--data", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=_env())
+            p = start_add(root, f)
             th.start()
             rc = p.wait(timeout=300)
             err = p.stderr.read()
             th.join(300)
-            try:
-                live = live_ids(root)
-            except Exception as exc:
-                out["unopenable"] += 1
-                out["failures"].append(f"trial {t}: index does not open: {exc}")
+            live = opened_live_ids(root, out, t)
+            if live is None:
                 continue
             ok = 0
             if rc == 0:

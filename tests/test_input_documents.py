@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from retrieval_prune.cli import main
-from retrieval_prune.data.beir import MAX_METADATA_DEPTH, iter_jsonl, json_depth, load_beir
+from retrieval_prune.data.beir import MAX_METADATA_DEPTH, iter_jsonl, load_beir
 from retrieval_prune.index import storage
 from retrieval_prune.index.admin import read_documents
 from retrieval_prune.index.base import load_index
 from retrieval_prune.retrieve import HashingEncoder, Retriever
+from retrieval_prune.safejson import value_depth as json_depth
 
 GOOD = [
     {"_id": "d1", "title": "Boats", "text": "boats with red sails", "metadata": {"year": 1999}},

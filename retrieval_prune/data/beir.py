@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from retrieval_prune.safejson import value_depth
 from retrieval_prune.types import Corpus
 
 __all__ = ["load_beir", "resolve_dataset", "read_jsonl", "iter_jsonl", "iter_documents",
-           "DocumentRecord", "json_depth", "MAX_METADATA_DEPTH", "BEIR_URL", "DEFAULT_DATASET"]
+           "DocumentRecord", "MAX_METADATA_DEPTH", "BEIR_URL", "DEFAULT_DATASET"]
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 DEFAULT_DATASET = "scifact"
@@ -94,27 +95,6 @@ class DocumentRecord(NamedTuple):
     metadata: dict[str, Any]
 
 
-def json_depth(value: Any, limit: int | None = None) -> int:
-    """Nesting depth of a parsed JSON value, measured iteratively (no recursion).
-
-    A scalar has depth 0, ``{}`` and ``[]`` depth 1, ``{"a": [1]}`` depth 2. With
-    ``limit``, the walk stops as soon as the depth exceeds it (returning ``limit + 1``).
-    """
-    if not isinstance(value, (dict, list)):
-        return 0
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > deepest:
-            deepest = depth
-            if limit is not None and deepest > limit:
-                return deepest
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return deepest
-
-
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -152,7 +132,7 @@ def _surrogate(s: str) -> str | None:
 
 def _metadata_problem(meta: dict) -> str | None:
     """Why ``meta`` is unusable (too deep, or a key or string that is not valid Unicode), or None."""
-    depth = json_depth(meta, limit=MAX_METADATA_DEPTH)
+    depth = value_depth(meta, limit=MAX_METADATA_DEPTH)
     if depth > MAX_METADATA_DEPTH:
         return (f"'metadata' nests more than {MAX_METADATA_DEPTH} levels deep; flatten it "
                 f"to at most {MAX_METADATA_DEPTH} levels")
