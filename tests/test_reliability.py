@@ -169,3 +169,18 @@ def test_reliability_quick_run(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["verdicts"] and all(v["passed"] for v in rep["verdicts"])
     assert rep["writers"]["trials"] == 3 and rep["crafted"]["cases"] > 100
+
+
+def test_index_save_refuses_to_overwrite_a_newer_commit(tmp_path):
+    root = tmp_path / "ix"
+    _index(root)
+    a, b = load_index(root), load_index(root)
+    a.delete(["d1"])
+    a.save(root)
+    b.delete(["d2"])
+    with pytest.raises(storage.IndexChangedError, match="another writer committed"):
+        b.save(root)
+    b.save(tmp_path / "copy")  # elsewhere is fine
+    a.delete(["d3"])
+    a.save(root)  # its own commits do not count against it
+    assert set(load_index(root).doc_ids) >= {"d0"} and len(load_index(root)) == 4

@@ -110,7 +110,10 @@ class MultiVectorIndex(Component):
         self.encoder_settings: dict[str, Any] | None = None
         #: free-form build information (timings, reports) kept in the manifest
         self.info: dict[str, Any] = {}
-        #: ``(generation, manifest sha256)`` this index was loaded from (None: built here)
+        #: folder and ``(generation, manifest sha256)`` this index was loaded from or last
+        #: saved to (None: built here); a save to that folder after another writer's commit
+        #: is refused instead of overwriting it
+        self.loaded_from: Path | None = None
         self.loaded_pointer: tuple[str, str] | None = None
 
     # -- hooks -------------------------------------------------------------------
@@ -274,7 +277,27 @@ class MultiVectorIndex(Component):
             arrays.update({"texts_blob": tb, "texts_offsets": to})
         meta = self._meta()
         json.dumps(meta)  # fail before writing anything if meta is not JSON-able
-        return storage.write_generation(path, arrays, meta)
+        return self._commit_to(path, lambda: storage.write_generation(path, arrays, meta))
+
+    def _commit_to(self, path: str | Path, write) -> Path:
+        """Run ``write()`` under ``path``'s write lock, refusing to overwrite a generation
+        another writer committed since this index was loaded from ``path``."""
+        target = Path(path).resolve()
+        with storage.write_lock(target):
+            if self.loaded_from == target and self.loaded_pointer is not None:
+                on_disk = (
+                    storage.live_pointer(target, verify_signature=False)
+                    if (target / "CURRENT").is_file() else None
+                )
+                if on_disk is not None and on_disk != self.loaded_pointer:
+                    raise storage.IndexChangedError(
+                        f"{path} changed on disk since this index was loaded ({self.loaded_pointer[0]} "
+                        f"-> {on_disk[0]}): another writer committed. Load it again, or hold "
+                        "storage.write_lock(path) from the load to the save"
+                    )
+            gen = write()
+            self.loaded_from, self.loaded_pointer = target, storage.live_pointer(target, verify_signature=False)
+            return gen
 
     @classmethod
     def _from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> MultiVectorIndex:
@@ -321,5 +344,5 @@ def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
         raise storage.IndexCorruptedError(
             f"{where}: the saved {meta['type']} index is inconsistent ({type(exc).__name__}: {msg})"
         ) from None
-    index.loaded_pointer = meta["_pointer"]
+    index.loaded_from, index.loaded_pointer = Path(path).resolve(), meta["_pointer"]
     return index

@@ -504,7 +504,7 @@ class StagedIndex(CompressedIndex):
         try:
             files = self._native_files(scratch)
             arrays, meta = self._payload()
-            return storage.write_generation(path, arrays, meta, files=files)
+            return self._commit_to(path, lambda: storage.write_generation(path, arrays, meta, files=files))
         finally:
             import shutil
 

@@ -120,9 +120,9 @@ def _signature(key: bytes, gen_name: str, manifest_sha: str) -> str:
     return hmac.new(key, f"{FORMAT_NAME}\n{gen_name}\n{manifest_sha}\n".encode(), "sha256").hexdigest()
 
 
-def _read_pointer(root: Path) -> tuple[str, str]:
+def _read_pointer(root: Path, verify_signature: bool = True) -> tuple[str, str]:
     """``(generation name, manifest sha256)`` from ``root/CURRENT``; the HMAC signature is
-    checked when ``RETRIEVAL_PRUNE_INDEX_KEY`` is set."""
+    checked when ``RETRIEVAL_PRUNE_INDEX_KEY`` is set (and ``verify_signature``)."""
     pointer = root / "CURRENT"
     if not pointer.is_file():
         raise IndexCorruptedError(
@@ -146,7 +146,7 @@ def _read_pointer(root: Path) -> tuple[str, str]:
             )
         raise IndexCorruptedError(f"{pointer} holds {text[:80]!r}, not a generation name and checksum")
     name, sha, sig = m.group(1), m.group(2), m.group(3)
-    key = _signing_key()
+    key = _signing_key() if verify_signature else None
     if key is not None:
         if sig is None:
             raise IndexCorruptedError(
@@ -161,12 +161,13 @@ def _read_pointer(root: Path) -> tuple[str, str]:
     return name, sha
 
 
-def live_pointer(root: str | Path) -> tuple[str, str]:
-    """``(generation name, manifest sha256)`` of the live generation of index ``root``."""
+def live_pointer(root: str | Path, *, verify_signature: bool = True) -> tuple[str, str]:
+    """``(generation name, manifest sha256)`` of the live generation of index ``root``
+    (``verify_signature=False``: only to tell whether another writer committed)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no index at {root}; build one with `retrieval-prune build`")
-    return _read_pointer(root)
+    return _read_pointer(root, verify_signature)
 
 
 def current_generation(root: str | Path) -> Path:

@@ -478,7 +478,7 @@ class Retriever:
     def _pointer(path: Path) -> tuple[str, str] | None:
         if not (path / "CURRENT").is_file():
             return None
-        return storage.live_pointer(path)
+        return storage.live_pointer(path, verify_signature=False)  # load_index checks it
 
     @contextmanager
     def transaction(self, *, lock_timeout: float | None = None) -> Iterator[Transaction]:
