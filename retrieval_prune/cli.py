@@ -9,46 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retrieval_prune.atomic import atomic_write_json
+from retrieval_prune.evaluation.report import format_table
+
 __all__ = ["main"]
-
-EVAL_COLUMNS = [
-    ("dataset", "dataset", "{}"),
-    ("pipeline", "pipeline", "{}"),
-    ("ndcg@10", "nDCG@10", "{:.4f}"),
-    ("delta_ndcg@10", "Δ exact", "{:+.4f}"),
-    ("recall@100", "R@100", "{:.4f}"),
-    ("mrr@10", "MRR@10", "{:.4f}"),
-    ("exact_top10_recall", "top10∩exact", "{:.3f}"),
-    ("bytes_per_doc", "bytes/doc", "{:,.0f}"),
-    ("vectors_per_doc", "vec/doc", "{:.1f}"),
-    ("compression_ratio", "x fp32", "{:.1f}"),
-    ("build_s", "build s", "{:.1f}"),
-    ("p50_ms", "p50 ms", "{:.2f}"),
-    ("p95_ms", "p95 ms", "{:.2f}"),
-    ("peak_rss_mb", "peak MiB", "{:,.0f}"),
-]
-
-
-def format_table(rows: list[dict[str, Any]], columns=EVAL_COLUMNS) -> str:
-    """A Markdown table of eval rows."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
-    lines = [head, sep]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("" if v is None else fmt.format(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _write_json(path: str, obj: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(p)
+    atomic_write_json(p, obj, indent=1)
 
 
 # -- commands --------------------------------------------------------------------------
@@ -97,28 +67,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from retrieval_prune.data import load_beir
     from retrieval_prune.encode import Encoder
-    from retrieval_prune.evaluation.runner import _cache_root, index_bytes
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.evaluation.runner import (
+        current_rss_mb,
+        index_bytes,
+        peak_rss_mb,
+        peak_rss_reset,
+    )
+    from retrieval_prune.pipeline import make_pipeline
+    from retrieval_prune.pipeline.build import build
 
+    pipe = make_pipeline(args.pipeline)  # a bad spec fails before anything is read
+    pipe.check_buildable()
     # A corpus alone is enough to index: queries.jsonl and qrels/ are optional here.
     corpus = load_beir(args.data, split=args.split, max_docs=args.max_docs,
                        require_judgements=False)
-    pipe = make_pipeline(args.pipeline)
     encoder = Encoder.load(args.checkpoint)
-    from retrieval_prune.encode.cache import EmbeddingCache
-
-    docs = EmbeddingCache(_cache_root() / "embeddings").get_or_encode(
-        encoder, corpus.name, corpus.doc_ids, corpus.doc_texts, kind="docs",
-        with_importance=pipe.needs_importance,
-    )
-    t0 = time.perf_counter()
-    index = pipe.build(docs, corpus.doc_ids, texts=corpus.doc_texts,
-                       encoder_settings=encoder.settings)
-    index.info["dataset"] = corpus.name
-    index.save(args.out)
+    rss_encoder = current_rss_mb()  # interpreter, libraries and the encoder's weights
+    peak_rss_reset()
+    res = build(pipe, corpus.doc_ids, texts=corpus.doc_texts, encoder=encoder, dataset=corpus.name,
+                out=args.out, max_memory_mb=args.max_memory_mb, info={"dataset": corpus.name},
+                progress=not args.quiet)
     nbytes = index_bytes(args.out)
-    print(f"built {args.out}: {len(index)} documents, pipeline {pipe.spec!r}, "
-          f"{nbytes / len(index):,.0f} bytes/doc, {time.perf_counter() - t0:.1f} s")
+    n = len(corpus.doc_ids)
+    how = f", streamed under {args.max_memory_mb:,.0f} MiB" if res.streamed else ""
+    print(f"built {args.out}: {n} documents, pipeline {res.pipeline.spec!r}, "
+          f"{nbytes / n:,.0f} bytes/doc, {res.seconds:.1f} s{how}; peak RSS {peak_rss_mb():,.0f} MiB "
+          f"(of which {rss_encoder:,.0f} MiB before the build: interpreter, libraries, encoder)")
     return 0
 
 
@@ -195,6 +169,140 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- index maintenance: add, delete, compact, inspect ---------------------------------
+# Each opens the live generation (checksums verified), changes it in memory and writes a new
+# generation with the crash-safe protocol of index/storage.py; any error is raised before the
+# first byte is written, so a rejected command leaves the index as it was.
+def cmd_add(args: argparse.Namespace) -> int:
+    from retrieval_prune.data.documents import read_documents
+    from retrieval_prune.retrieve import Retriever
+
+    ids, texts, metas = read_documents(args.data)  # every record checked before any write
+    retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint, auto_compact=None)
+    # the folder's write lock is held from here to the commit; a writer that committed since
+    # from_index is merged in first, so neither writer's documents are lost
+    with retriever.transaction(lock_timeout=args.lock_timeout) as tx:
+        before = len(retriever.index)
+        retriever.add(ids, texts, metas)  # duplicates / clashes raise before anything is written
+    gen = tx.generation
+    drift = getattr(retriever.index, "drift", None)
+    report = {
+        "index": str(args.index),
+        "generation": gen.name,
+        "added": len(ids),
+        "documents": len(retriever.index),
+        "documents_before": before,
+        "drift": drift() if callable(drift) else None,
+    }
+    _print(report, args.json, f"added {len(ids)} documents to {args.index} ({gen.name}); "
+           f"{report['documents']} live documents")
+    d = report["drift"]
+    if d and d.get("ratio") is not None and not args.json:
+        from retrieval_prune.index.staged import DRIFT_MIN_TOKENS, DRIFT_WARN
+
+        if d.get("rebuild_recommended"):
+            verdict = " -> rebuild recommended"
+        elif d["ratio"] > DRIFT_WARN:
+            verdict = (f" (above {DRIFT_WARN}, but only {d['added_tokens']} vectors added; judged "
+                       f"from {DRIFT_MIN_TOKENS})")
+        else:
+            verdict = " (ok)"
+        print(f"codebook drift: added vectors quantize {d['ratio']:.3f}x as badly as the fit "
+              f"data{verdict}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from retrieval_prune.index import storage
+    from retrieval_prune.index.base import load_index
+
+    ids = list(dict.fromkeys(str(i) for i in args.ids))
+    with storage.write_lock(args.index, args.lock_timeout):  # read-modify-write, one writer
+        index = load_index(args.index)
+        index.delete(ids)  # unknown ids raise KeyError before anything is written
+        meta = index.info.get("doc_metadata")
+        if isinstance(meta, dict):
+            for i in ids:
+                meta.pop(i, None)
+        gen = index.save(args.index)
+    _print({"index": str(args.index), "generation": gen.name, "deleted": len(ids),
+            "documents": len(index), "tombstones": index.n_positions - len(index)}, args.json,
+           f"deleted {len(ids)} documents from {args.index} ({gen.name}); {len(index)} live, "
+           f"{index.n_positions - len(index)} tombstones (run `retrieval-prune compact`)")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from retrieval_prune.index import storage
+    from retrieval_prune.index.base import load_index
+
+    with storage.write_lock(args.index, args.lock_timeout):  # read-modify-write, one writer
+        index = load_index(args.index)
+        dropped = index.n_positions - len(index)
+        index.compact()
+        gen = index.save(args.index)
+    _print({"index": str(args.index), "generation": gen.name, "dropped": dropped,
+            "documents": len(index)}, args.json,
+           f"compacted {args.index} ({gen.name}): {dropped} tombstones dropped, "
+           f"{len(index)} documents")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from retrieval_prune.index.inspect import format_inspect, inspect_index
+
+    d = inspect_index(args.index, verify=not args.no_verify)
+    print(json.dumps(d, indent=1) if args.json else format_inspect(d))
+    return 0
+
+
+def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(obj) if as_json else text)
+
+
+def _lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another writer of the index (default "
+                        "$RETRIEVAL_PRUNE_LOCK_TIMEOUT or 300)")
+
+
+def add_index_parsers(sub: Any) -> None:
+    """Register ``add``, ``delete``, ``compact`` and ``inspect`` on a subparsers object."""
+    a = sub.add_parser("add", help="add documents to an index (encoded like the index)",
+                       description="Encode documents with the index's encoder and token steps, "
+                                   "code them with its codebook and write a new generation.")
+    a.add_argument("index", metavar="INDEX")
+    a.add_argument("--data", required=True, metavar="DIR_OR_JSONL",
+                   help="BEIR folder (corpus.jsonl) or a .jsonl file of {_id, title, text}")
+    a.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="checkpoint folder, for an index built with a trained checkpoint")
+    _lock_arg(a)
+    a.add_argument("--json", action="store_true", help="print a JSON report")
+    a.set_defaults(func=cmd_add)
+
+    d = sub.add_parser("delete", help="delete documents by id (tombstones)",
+                       description="Tombstone documents by external id; `compact` drops them.")
+    d.add_argument("index", metavar="INDEX")
+    d.add_argument("ids", nargs="+", metavar="ID")
+    _lock_arg(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_delete)
+
+    c = sub.add_parser("compact", help="rewrite an index without its tombstones",
+                       description="Rewrite the index without deleted documents; ids survive.")
+    c.add_argument("index", metavar="INDEX")
+    _lock_arg(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compact)
+
+    i = sub.add_parser("inspect", help="print an index's spec, sizes, vectors and documents",
+                       description="Describe the live generation of an index (checksums verified).")
+    i.add_argument("index", metavar="INDEX")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--no-verify", action="store_true", help="check file sizes only (faster)")
+    i.set_defaults(func=cmd_inspect)
+
+
 # -- parser ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from retrieval_prune import __version__
@@ -236,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(b, multiple=False)
     b.add_argument("--out", required=True, metavar="INDEX", help="index folder to write")
     b.add_argument("--pipeline", default="exact", metavar="SPEC", help="pipeline spec (default exact)")
+    b.add_argument("--max-memory-mb", type=float, default=None, metavar="N",
+                   help="stream the build: encode, prune and code the corpus a block at a time so "
+                        "that memory stays near N MiB besides the encoder (needs a codec)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("search", help="search an index with a text query",
@@ -302,8 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser = None
     if add_serve_parser is not None:
         add_serve_parser(sub)
-
-    from retrieval_prune.index.admin import add_index_parsers
 
     add_index_parsers(sub)  # add, delete, compact, inspect
 

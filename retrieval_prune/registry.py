@@ -31,11 +31,13 @@ __all__ = [
     "build",
     "build_pipeline",
     "format_spec",
+    "normalize_spec",
+    "resolve_bare_words",
     "STAGES",
 ]
 
 #: Stages in the order a pipeline applies them.
-STAGES = ("data", "model", "tokens", "table", "codec", "index")
+STAGES = ("data", "model", "table", "tokens", "codec", "index")
 
 _REGISTRY: dict[str, type[Component]] = {}
 _ENTRY_POINTS_LOADED = False
@@ -105,12 +107,7 @@ class Component:
 
     @classmethod
     def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        # a bare word ("binary:sign") is the value of the parameter whose choices hold it
-        for word in [k for k, v in kwargs.items() if v is None and k not in cls.params]:
-            owners = [k for k, p in cls.params.items() if p.choices and word in p.choices]
-            if len(owners) == 1 and owners[0] not in kwargs:
-                del kwargs[word]
-                kwargs[owners[0]] = word
+        kwargs = resolve_bare_words(cls, kwargs)
         unknown = sorted(set(kwargs) - set(cls.params))
         if unknown:
             raise ValueError(
@@ -234,6 +231,26 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
                 params[key] = value.strip()
         steps.append((name, params))
     return steps
+
+
+def resolve_bare_words(cls: type[Component], params: dict[str, Any]) -> dict[str, Any]:
+    """A bare word (``binary:sign``) becomes the value of the one parameter of ``cls``
+    whose choices hold it; other entries are returned unchanged, in order."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None and key not in cls.params:
+            owners = [k for k, p in cls.params.items() if p.choices and key in p.choices]
+            if len(owners) == 1 and owners[0] not in params:
+                out[owners[0]] = key
+                continue
+        out[key] = value
+    return out
+
+
+def normalize_spec(spec: str) -> str:
+    """``spec`` with bare words written as ``key=value`` (``binary:sign,score=hamming`` ->
+    ``binary:kind=sign,score=hamming``); parameters not given stay unwritten."""
+    return format_spec([(name, resolve_bare_words(get(name), params)) for name, params in parse_spec(spec)])
 
 
 def _fmt_value(v: Any) -> str:

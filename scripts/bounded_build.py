@@ -67,8 +67,8 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
     from retrieval_prune.index.staged import build_streaming
+    from retrieval_prune.pipeline import make_pipeline
     from retrieval_prune.types import MultiVectors
 
     n_topics = 512

@@ -80,7 +80,7 @@ def make_data(seed: int = 0, n_docs: int = 150, dim: int = 16):
 
 
 def build_bases(workdir: Path) -> dict[str, Path]:
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.pipeline import make_pipeline
 
     docs, queries = make_data()
     np.save(workdir / "q_emb.npy", queries.embeddings)

@@ -91,7 +91,7 @@ def doc_id(i: int) -> str:
 # -- operations (run by the child, and in memory by the parent) -------------------------------
 def apply_op(job: dict, docs, index=None):
     """Run ``job`` on ``index`` (loaded) and return the resulting in-memory index."""
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.pipeline import make_pipeline
 
     op = job["op"]
     if op in ("build", "build_fresh"):

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def profile_one(index, cache, q, k, alive, mark, stamp, buf):
     """Per-stage seconds of one query (mirrors ``StagedIndex._search_one``)."""
-    from retrieval_prune.index.ops import _pack
     from retrieval_prune.index.staged import _select
     from retrieval_prune.kernels import ivf as _ivf_k
+    from retrieval_prune.kernels.ops import _pack
 
     t = {}
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def bench(ctx, spec: str, workdir: Path, bruteforce: bool) -> dict:
     from retrieval_prune.evaluation.metrics import evaluate
     from retrieval_prune.evaluation.runner import index_bytes, run_quality
     from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.pipeline import make_pipeline
 
     pipe = make_pipeline(spec)
     t0 = time.perf_counter()

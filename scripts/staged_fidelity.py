@@ -47,7 +47,7 @@ def open_index(a: argparse.Namespace):
     from retrieval_prune.encode import Encoder
     from retrieval_prune.evaluation.runner import load_context
     from retrieval_prune.index.base import load_index
-    from retrieval_prune.index.pipeline import make_pipeline
+    from retrieval_prune.pipeline import make_pipeline
 
     ctx = load_context(a.data, lambda: Encoder.load(a.checkpoint))
     index = load_index(a.index)
@@ -66,7 +66,7 @@ def use_float_table(index) -> None:
 
 def candidate_count(index, q: np.ndarray) -> int:
     """Documents holding a token coded to one of the probed centroids of ``q``'s tokens."""
-    from retrieval_prune.index.ops import _pack
+    from retrieval_prune.kernels.ops import _pack
 
     cache = index._prepare()
     q = np.ascontiguousarray(index.chain.transform(q), dtype=np.float32)  # as the search does

@@ -1,6 +1,6 @@
 """Slow, obviously-correct NumPy references for every kernel (float64 where it helps).
 
-Each function mirrors one wrapper of :mod:`retrieval_prune.index.ops`; tests compare the
+Each function mirrors one wrapper of :mod:`retrieval_prune.kernels.ops`; tests compare the
 Numba kernels against these on small seeded data.
 """
 
@@ -145,3 +145,104 @@ def assert_dot_close(actual: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
             f"{int(bad.sum())} of {bad.size} entries off by more than the rounding bound; "
             f"first at {i}: got {actual[i]!r}, exact {exact[i]!r}, bound {bound[i]:.3g}"
         )
+
+
+# ---- rounding bounds derived from the operands -----------------------------------------
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23 = 2u (u: float32 unit roundoff)
+TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def sum_bound(terms: np.ndarray, axis=-1) -> np.ndarray:
+    """Rounding bound of a float32 sum of ``terms`` in any order (gamma_n, doubled: n terms
+    plus the final float32 store): ``(n + 2) * eps32 * sum |terms|``."""
+    t = np.abs(np.asarray(terms, np.float64))
+    return (t.shape[axis] + 2) * EPS32 * t.sum(axis=axis)
+
+
+def _segment_max(x: np.ndarray, offsets) -> np.ndarray:
+    """Row-wise max of ``x (n_q, n_tokens)`` over each document's columns: (n_q, n_docs);
+    -inf for an empty document."""
+    off = np.asarray(offsets, np.int64)
+    out = np.full((x.shape[0], len(off) - 1), -np.inf)
+    full = np.flatnonzero(np.diff(off) > 0)
+    if full.size and x.shape[0]:
+        out[:, full] = np.maximum.reduceat(x, off[full], axis=1)
+    return out
+
+
+def maxsim_bound(q, d_emb, d_offsets, coef=None) -> np.ndarray:
+    """Per-document bound on |float32 MaxSim - exact MaxSim| for any summation order.
+
+    Each dot product <q_i, d_j> is within ``e_ij = coef * (|q_i| . |d_j|)`` of exact
+    (``coef = (dim + 2) * eps32``: Higham's gamma_dim, doubled, as in
+    :func:`assert_dot_close`); max over j is exact, so the max of the computed entries is
+    within ``max_j e_ij``; the float32 sum over the n_q query tokens adds
+    ``(n_q + 2) * eps32 * sum_i |m_i|``. Empty documents get 0 (-inf on both sides).
+    """
+    q64, d64 = np.asarray(q, np.float64), np.asarray(d_emb, np.float64)
+    coef = (q64.shape[1] + 2) * EPS32 if coef is None else coef
+    n_q = q64.shape[0]
+    if n_q == 0:
+        return np.zeros(len(d_offsets) - 1)
+    # (n_q, n_docs); 0 for an empty document
+    err = np.nan_to_num(_segment_max(coef * (np.abs(q64) @ np.abs(d64).T), d_offsets), neginf=0.0)
+    m = np.abs(np.nan_to_num(_segment_max(q64 @ d64.T, d_offsets), neginf=0.0)) + err
+    return err.sum(axis=0) + (n_q + 2) * EPS32 * m.sum(axis=0) + TINY32
+
+
+def code_sum_bound(table, codes, offsets) -> np.ndarray:
+    """Per-document rounding bound of a code-table MaxSim on a given float32 ``table (K,
+    n_q)``: max is exact, only the float32 sum of the n_q maxima rounds (:func:`sum_bound`)."""
+    t = np.asarray(table, np.float64)
+    m = np.nan_to_num(_segment_max(t[np.asarray(codes, np.int64)].T, offsets), neginf=0.0)
+    return (t.shape[1] + 2) * EPS32 * np.abs(m).sum(axis=0) + TINY32
+
+
+def assert_within(actual, exact, bound, what="value") -> None:
+    """|actual - exact| <= bound elementwise (infinities must match), with a useful message."""
+    actual = np.asarray(actual, np.float64)
+    exact = np.broadcast_to(np.asarray(exact, np.float64), actual.shape)
+    bound = np.broadcast_to(np.asarray(bound, np.float64), actual.shape)
+    assert np.array_equal(np.isinf(actual), np.isinf(exact)), f"{what}: infinities differ"
+    fin = np.isfinite(exact)
+    err = np.abs(actual[fin] - exact[fin])
+    bad = err > bound[fin]
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} entries off by more than the rounding "
+            f"bound; first: got {actual[fin][j]!r}, exact {exact[fin][j]!r}, "
+            f"bound {bound[fin][j]:.3g}"
+        )
+
+
+def assert_maxsim_close(actual, q, d_emb, d_offsets, coef=None) -> None:
+    """``actual`` (one score per document) equals float64 MaxSim within :func:`maxsim_bound`."""
+    assert_within(actual, maxsim_scores(q, d_emb, d_offsets), maxsim_bound(q, d_emb, d_offsets, coef), "MaxSim")
+
+
+def assert_topk_close(scores, ids, exact, bound, valid=None) -> None:
+    """A top-k row (best first) is right up to rounding: every returned score is within
+    ``bound[id]`` of ``exact[id]``, ids are distinct and valid, the row is full (up to the
+    number of valid documents), and no document left out can beat the last one kept by
+    more than the rounding bounds allow (a near-tie may go either way; nothing else may).
+    """
+    scores, ids = np.asarray(scores, np.float64), np.asarray(ids)
+    exact, bound = np.asarray(exact, np.float64), np.asarray(bound, np.float64)
+    ok = np.isfinite(exact) if valid is None else (np.asarray(valid, bool) & np.isfinite(exact))
+    k = scores.shape[0]
+    n = min(k, int(ok.sum()))
+    kept = ids[:n]
+    assert (ids[n:] == -1).all() and np.isneginf(scores[n:]).all(), ids
+    assert (kept >= 0).all() and len(set(kept.tolist())) == n, ids
+    assert ok[kept].all(), f"invalid document returned: {ids}"
+    assert np.all(np.diff(scores[:n]) <= 0), f"not best first: {scores}"
+    assert_within(scores[:n], exact[kept], bound[kept], "top-k score")
+    if n:
+        out = np.ones(exact.shape[0], bool)
+        out[kept] = False
+        out &= ok
+        # a left-out document x was computed <= the last kept score s_last, so
+        # exact[x] - bound[x] <= s_last
+        worst = exact[out] - bound[out]
+        assert np.all(worst <= scores[n - 1]), "a better document was left out"

@@ -12,7 +12,7 @@ import pytest
 
 from retrieval_prune.index import storage
 from retrieval_prune.index.base import load_index
-from retrieval_prune.index.pipeline import make_pipeline
+from retrieval_prune.pipeline import make_pipeline
 from tests.test_ivf import clustered_docs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 
 from retrieval_prune.cli import main
 from retrieval_prune.data.beir import MAX_METADATA_DEPTH, iter_jsonl, load_beir
+from retrieval_prune.data.documents import read_documents
 from retrieval_prune.index import storage
-from retrieval_prune.index.admin import read_documents
 from retrieval_prune.index.base import load_index
 from retrieval_prune.retrieve import HashingEncoder, Retriever
 from retrieval_prune.safejson import value_depth as json_depth

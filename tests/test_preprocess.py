@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from retrieval_prune import registry
-from retrieval_prune.index.pipeline import make_pipeline
 from retrieval_prune.kernels import tokens as K
+from retrieval_prune.pipeline import make_pipeline
 from retrieval_prune.preprocess import base as pre_base
 from retrieval_prune.preprocess.tokens import attention, crisp, merge, pool
 from retrieval_prune.types import MultiVectors
@@ -334,10 +334,24 @@ def test_pipeline_applies_steps_and_reports():
 
 
 def test_protocol_stages():
-    assert pre_base.DataPreprocessor.stage == "data"
-    assert pre_base.ModelPreprocessor.stage == "model"
-    assert pre_base.TablePreprocessor.stage == "table"
+    """Every registered pre-codec plug-in implements its stage's protocol, each stage has
+    exactly one protocol, and the registry refuses unknown stages and out-of-order specs."""
+    protocols = {
+        p.stage: p
+        for p in (pre_base.DataPreprocessor, pre_base.ModelPreprocessor,
+                  pre_base.TokenPreprocessor, pre_base.TablePreprocessor)
+    }  # fmt: skip
+    assert set(protocols) == set(pre_base.PREPROCESS_STAGES) and len(protocols) == 4
     assert set(pre_base.PREPROCESS_STAGES) <= set(registry.STAGES)
+    for name, cls in registry.available().items():
+        if cls.stage in protocols:
+            assert issubclass(cls, protocols[cls.stage]), (name, cls.stage)
+    bad = type("BadStage", (pre_base.TokenPreprocessor,), {"name": "bad_stage", "stage": "nope"})
+    with pytest.raises(ValueError, match="stage"):
+        registry.register(bad)
+    assert "bad_stage" not in registry.available()
+    with pytest.raises(ValueError, match="out of order"):
+        registry.build_pipeline("f32 | pool:factor=2")  # a token plug-in after the codec
 
 
 @pytest.mark.parametrize("module", [attention, pool, merge, crisp, pre_base])

@@ -17,7 +17,7 @@ def test_every_registered_component_round_trips():
     for name, cls in comps.items():
         obj = cls()
         if " | " in obj.spec:  # an index over a codec chain writes its chain too
-            from retrieval_prune.index.pipeline import make_pipeline
+            from retrieval_prune.pipeline import make_pipeline
 
             assert make_pipeline(obj.spec).index.spec == obj.spec, name
             continue

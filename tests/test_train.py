@@ -57,10 +57,25 @@ def test_parse_crisp_errors_are_clear(text, match):
 
 
 def test_plugin_spec_matches_the_post_hoc_plugin():
-    from retrieval_prune.index.pipeline import make_pipeline
+    """The plug-in named by ``plugin_spec`` keeps as many vectors per sequence as training
+    made clusters (``CrispSpec.k``, then at most the sequence's length), for both sides."""
+    import numpy as np
 
+    from retrieval_prune import registry
+    from retrieval_prune.types import MultiVectors
+
+    lengths = [1, 3, 5, 8, 9, 20, 33, 40]
+    rng = np.random.default_rng(0)
+    docs = MultiVectors.from_list([rng.standard_normal((n, 16)).astype(np.float32) for n in lengths])
+    m = torch.tensor(lengths)
     for text in ("8x32", "4x8", "25%", "50%"):
-        make_pipeline(parse_crisp(text).plugin_spec)  # parses back
+        spec = parse_crisp(text)
+        plugin = registry.build(spec.plugin_spec)
+        assert plugin.spec.startswith(spec.plugin_spec)  # parses back, defaults appended
+        for kind in ("documents", "queries"):
+            kept = np.diff(plugin.transform(docs, kind).offsets)
+            want = torch.minimum(spec.k(m, kind), m).numpy()
+            np.testing.assert_array_equal(kept, want, err_msg=f"{text} {kind}")
 
 
 # -- kmeans_pool ---------------------------------------------------------------------------

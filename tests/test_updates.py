@@ -12,8 +12,8 @@ import pytest
 from retrieval_prune.cli import main
 from retrieval_prune.index import storage
 from retrieval_prune.index.base import load_index
-from retrieval_prune.index.pipeline import make_pipeline
 from retrieval_prune.index.staged import DRIFT_WARN, StagedIndex, build_streaming
+from retrieval_prune.pipeline import make_pipeline
 from retrieval_prune.retrieve import HashingEncoder, Retriever
 from retrieval_prune.types import MultiVectors
 from tests.test_ivf import clustered_docs

@@ -4,7 +4,7 @@ addressed by a spec string (``residual:k=4096,nbits=2``); steps chain with ``|``
 
 from retrieval_prune.compress.base import Codec, NotFittedError, colbert_num_centroids
 from retrieval_prune.compress.binary import BinaryCodec
-from retrieval_prune.compress.chain import CodecChain, normalize_codec_spec
+from retrieval_prune.compress.chain import CodecChain
 from retrieval_prune.compress.floats import Float16Codec, Float32Codec, PCACodec
 from retrieval_prune.compress.kmeans import HierarchicalKMeansCodec, KMeansCodec, id_geometry
 from retrieval_prune.compress.residual import ResidualCodec
@@ -22,5 +22,4 @@ __all__ = [
     "ResidualCodec",
     "colbert_num_centroids",
     "id_geometry",
-    "normalize_codec_spec",
 ]

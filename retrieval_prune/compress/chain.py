@@ -13,38 +13,10 @@ from retrieval_prune import registry
 from retrieval_prune.compress.base import Codec, NotFittedError, check_tokens, sample_rows
 from retrieval_prune.compress.floats import Float32Codec
 
-__all__ = ["CodecChain", "normalize_codec_spec"]
+__all__ = ["CodecChain"]
 
 #: tokens handed to the storage codec's fit after the transforms (it subsamples further)
 FIT_SAMPLE = 1 << 20
-
-
-def normalize_codec_spec(spec: str) -> str:
-    """Accept the shorthand ``binary:sign`` (a bare value of a choice parameter).
-
-    ``binary:sign,score=hamming`` -> ``binary:kind=sign,score=hamming``. A bare word is
-    given to the first declared parameter whose choices contain it.
-    """
-    steps = []
-    for raw in spec.split("|"):
-        name, sep, rest = raw.strip().partition(":")
-        items = []
-        for item in rest.split(",") if rest.strip() else []:
-            item = item.strip()
-            if "=" not in item and item:
-                cls = registry.get(name.strip())
-                key = next(
-                    (k for k, p in cls.params.items() if p.choices and item in p.choices), None
-                )
-                if key is None:
-                    raise ValueError(
-                        f"bad parameter {item!r} in {raw.strip()!r}; write key=value "
-                        f"(known: {', '.join(cls.params)})"
-                    )
-                item = f"{key}={item}"
-            items.append(item)
-        steps.append(name.strip() + (":" + ",".join(items) if items else ""))
-    return " | ".join(steps)
 
 
 class CodecChain:
@@ -80,7 +52,7 @@ class CodecChain:
 
     @classmethod
     def from_spec(cls, spec: str) -> CodecChain:
-        steps = registry.build_pipeline(normalize_codec_spec(spec))
+        steps = registry.build_pipeline(spec)
         return cls(steps)  # type: ignore[arg-type]
 
     @property

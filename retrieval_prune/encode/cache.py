@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from retrieval_prune.atomic import atomic_write_text
+from retrieval_prune.npyio import NpyAppender
 from retrieval_prune.types import MultiVectors
 
 __all__ = ["EmbeddingCache", "cache_key", "texts_digest", "CACHE_ENV", "DEFAULT_CACHE_ROOT"]
@@ -111,6 +113,7 @@ class EmbeddingCache:
         with_importance: bool = False,
         *,
         progress: bool = True,
+        chunk_docs: int | None = None,
     ) -> MultiVectors:
         """Cached vectors of ``texts`` under ``encoder``; encode and store them on a miss.
 
@@ -127,6 +130,11 @@ class EmbeddingCache:
             Return [CLS]-attention importance as ``weights``.
         progress : bool
             Progress bar while encoding a miss.
+        chunk_docs : int, optional
+            Encode a miss this many texts at a time, appending each block to the entry's
+            files (memory: one block). The entry is the same format; its vectors can differ
+            from a one-call encoding in the last bits (other padding per batch), so a build
+            that must match another uses the same entry.
         """
         if kind not in _KINDS:
             raise ValueError(f"kind={kind!r} must be one of {_KINDS}")
@@ -146,6 +154,9 @@ class EmbeddingCache:
                 hit = self._usable(self.load(key), with_importance)
                 if hit is not None:
                     return hit
+                if chunk_docs is not None and len(texts) > chunk_docs:
+                    return self._encode_chunked(encoder, key, settings, dataset_name, texts, kind,
+                                                with_importance, progress, int(chunk_docs))
                 return self._encode_and_store(encoder, key, settings, dataset_name, texts, kind,
                                               with_importance, progress)
             finally:
@@ -185,6 +196,51 @@ class EmbeddingCache:
         self._store(key, mv, meta, replace=self.path_for(key).exists())
         stored = self.load(key)
         return mv if stored is None else stored
+
+    def _encode_chunked(self, encoder: _EncoderLike, key: str, settings: dict[str, Any],
+                        dataset_name: str, texts: Sequence[str], kind: str,
+                        with_importance: bool, progress: bool, chunk: int) -> MultiVectors:
+        enc = encoder.encode_documents if kind == "docs" else encoder.encode_queries
+        folder = self.path_for(key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            emb = off = w = None
+            n_tok = 0
+            starts = range(0, len(texts), chunk)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc=f"encode {dataset_name} ({chunk} texts a block)")
+            for a in starts:
+                mv = enc(list(texts[a : a + chunk]), progress=False, return_importance=with_importance)
+                if emb is None:
+                    emb = NpyAppender(tmp / "embeddings.npy", np.float32, (mv.dim,))
+                    off = NpyAppender(tmp / "offsets.npy", np.int64)
+                    off.append(np.zeros(1, np.int64))
+                    if mv.weights is not None:
+                        w = NpyAppender(tmp / "weights.npy", np.float32)
+                emb.append(mv.embeddings)
+                off.append(mv.offsets[1:] + n_tok)
+                if w is not None:
+                    w.append(mv.weights)
+                n_tok += mv.n_tokens
+            files = {}
+            for app in (emb, off, w):
+                if app is not None:
+                    app.close()
+                    files[app.path.name] = app.path.stat().st_size
+            meta = {"cache_version": _CACHE_VERSION, "key": key, "settings": settings,
+                    "dataset": dataset_name, "kind": kind, "n": len(texts), "n_tokens": n_tok,
+                    "dim": emb.tail[0] if emb is not None else 0, "chunk_docs": chunk}
+            self._commit(key, tmp, meta, files, replace=folder.exists())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        stored = self.load(key)
+        if stored is None:
+            raise RuntimeError(f"the cache entry {folder} did not read back after writing it")
+        return stored
 
     # -- storage ------------------------------------------------------------------------
     def load(self, key: str) -> MultiVectors | None:
@@ -227,19 +283,25 @@ class EmbeddingCache:
                     f.flush()
                     os.fsync(f.fileno())
                 files[fname] = (tmp / fname).stat().st_size
-            (tmp / "meta.json").write_text(
-                json.dumps({**meta, "files": files}, indent=1, sort_keys=True), encoding="utf-8"
-            )
-            if folder.exists():
-                if not replace and self.load(key) is not None:
-                    return  # another process stored the same entry meanwhile
-                old = folder.parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(folder, old)
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if self.load(key) is None:  # lost a race to a writer whose entry is broken
-                    raise
+            self._commit(key, tmp, meta, files, replace=replace)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, key: str, tmp: Path, meta: dict[str, Any], files: dict[str, int], *,
+                replace: bool) -> None:
+        """Write ``meta.json`` into the filled temporary folder and rename it into place."""
+        folder = self.path_for(key)
+        atomic_write_text(  # fsyncs the file and the folder (with the .npy entries)
+            tmp / "meta.json", json.dumps({**meta, "files": files}, indent=1, sort_keys=True)
+        )
+        if folder.exists():
+            if not replace and self.load(key) is not None:
+                return  # another process stored the same entry meanwhile
+            old = folder.parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if self.load(key) is None:  # lost a race to a writer whose entry is broken
+                raise

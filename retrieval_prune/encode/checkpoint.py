@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from retrieval_prune.atomic import fsync_dir, fsync_tree
 from retrieval_prune.encode.model import ColBERTModel, TokenizerSpec, sha256_file
 
 __all__ = [
@@ -59,27 +60,6 @@ class Checkpoint(NamedTuple):
     spec: TokenizerSpec
     config: dict[str, Any]
     sha256: str
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
 
 
 def save_checkpoint(
@@ -145,7 +125,7 @@ def save_checkpoint(
             "metadata": metadata,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
@@ -153,7 +133,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

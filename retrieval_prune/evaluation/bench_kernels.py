@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 
 import numba
 import numpy as np
-from numba import njit, prange
 
-from retrieval_prune.kernels._config import NJIT_PARALLEL
-from retrieval_prune.kernels.popcount import HAS_VNNI, vadd, vdpbusd, vhadd, vload, vsplat
+from retrieval_prune.kernels.bench import add_chain, sum_u64, vnni_chain
+from retrieval_prune.kernels.simd import HAS_VNNI
 
 __all__ = ["run", "main", "machine_info"]
 
@@ -47,45 +46,6 @@ N_HAMMING = 1 << 25  # 32 Mi 128-bit codes = 512 MiB, far beyond the L3
 # --------------------------------------------------------------------------------------
 # measuring instruments
 # --------------------------------------------------------------------------------------
-@njit(**NJIT_PARALLEL)
-def _sum_u64(a, n_chunks):
-    """Parallel sum of a uint64 array: the read-bandwidth roof.
-
-    Explicit 8-lane vectors with 4 accumulators: a plain ``for i in range(lo, hi)`` loop
-    does not vectorise in Numba (the negative-index fix-up of ``a[i]`` blocks it) and
-    reads at a fraction of the bandwidth.
-    """
-    n = a.shape[0] // 32 * 32
-    part = np.zeros(n_chunks, np.int64)
-    for c in prange(n_chunks):
-        lo = (c * (n // 32) // n_chunks) * 32
-        hi = ((c + 1) * (n // 32) // n_chunks) * 32
-        a0 = vsplat(np.uint64(0), 8)
-        a1 = a0
-        a2 = a0
-        a3 = a0
-        for i in range(lo, hi, 32):
-            a0 = vadd(a0, vload(a, i, 8))
-            a1 = vadd(a1, vload(a, i + 8, 8))
-            a2 = vadd(a2, vload(a, i + 16, 8))
-            a3 = vadd(a3, vload(a, i + 24, 8))
-        part[c] = vhadd(vadd(vadd(a0, a1), vadd(a2, a3)))
-    return part.sum()
-
-
-# no fastmath: the adds must stay one dependent chain (3-cycle FADD latency on Zen 4)
-@njit(**{**NJIT_PARALLEL, "fastmath": False})
-def _add_chain(n, n_threads):
-    out = np.zeros(n_threads)
-    for t in prange(n_threads):
-        x = 0.0
-        y = 1e-9 * (t + 1)
-        for _ in range(n):
-            x = x + y
-        out[t] = x
-    return out
-
-
 class _Timer:
     """The clock of every measurement in a run (see ``run(timer=...)``)."""
 
@@ -186,37 +146,9 @@ def roof_read(t: int, arr: np.ndarray) -> float:
     """Best GB/s of a Numba parallel sum over ``arr`` (>= 1 GiB) on ``t`` threads."""
     numba.set_num_threads(t)
     chunks = 8 * t
-    _sum_u64(arr[:1024], chunks)
-    dt = _best_time(lambda: _sum_u64(arr, chunks), repeats=5)
+    sum_u64(arr[:1024], chunks)
+    dt = _best_time(lambda: sum_u64(arr, chunks), repeats=5)
     return arr.nbytes / dt / 1e9
-
-
-@njit(**NJIT_PARALLEL)
-def _vnni_chain(n, n_threads):
-    """12 independent ``vpdpbusd`` chains per thread, in registers (AVX-512 VNNI only)."""
-    total = 0
-    for th in prange(n_threads):
-        x = vsplat(np.int32(0x01010101), 16)
-        y = vsplat(np.int32(0x01020304 + th), 16)
-        a0 = a1 = a2 = a3 = a4 = a5 = vsplat(np.int32(th), 16)
-        b0 = b1 = b2 = b3 = b4 = b5 = vsplat(np.int32(th + 1), 16)
-        for _ in range(n):
-            a0 = vdpbusd(a0, x, y)
-            a1 = vdpbusd(a1, x, y)
-            a2 = vdpbusd(a2, x, y)
-            a3 = vdpbusd(a3, x, y)
-            a4 = vdpbusd(a4, x, y)
-            a5 = vdpbusd(a5, x, y)
-            b0 = vdpbusd(b0, x, y)
-            b1 = vdpbusd(b1, x, y)
-            b2 = vdpbusd(b2, x, y)
-            b3 = vdpbusd(b3, x, y)
-            b4 = vdpbusd(b4, x, y)
-            b5 = vdpbusd(b5, x, y)
-        s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(a4, a5))
-        s = vadd(s, vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(b4, b5)))
-        total += vhadd(s)
-    return total
 
 
 def roof_vnni(t: int) -> float:
@@ -224,8 +156,8 @@ def roof_vnni(t: int) -> float:
     independent register chains each, no memory traffic (AVX-512 VNNI hosts only)."""
     numba.set_num_threads(t)
     n = 200_000
-    _vnni_chain(100, t)
-    dt = _best_time(lambda: _vnni_chain(n, t), repeats=10, min_total=0.3)
+    vnni_chain(100, t)
+    dt = _best_time(lambda: vnni_chain(n, t), repeats=10, min_total=0.3)
     return 2.0 * 64 * 12 * n * t / dt / 1e9
 
 
@@ -234,8 +166,8 @@ def clock_ghz(t: int) -> float:
     (FADD latency on Zen 4 / most x86 cores); ``t`` threads run one chain each."""
     numba.set_num_threads(t)
     n = 2_000_000  # ~2 ms: many short runs, the best one saw a core to itself
-    _add_chain(1000, t)
-    dt = _best_time(lambda: _add_chain(n, t), repeats=20, min_total=0.5)
+    add_chain(1000, t)
+    dt = _best_time(lambda: add_chain(n, t), repeats=20, min_total=0.5)
     return 3.0 * n / dt / 1e9
 
 
@@ -284,7 +216,7 @@ MAXSIM_BATCH = 4  # queries per maxsim_search call (the kernel scores a document
 
 def bench_maxsim_f32(data: _Data, t: int, roof: dict) -> Result:
     """Exact MaxSim top-10, GFLOP = 2 * 32 * 128 * 128 * n_docs per query."""
-    from retrieval_prune.index.ops import maxsim_search
+    from retrieval_prune.kernels.ops import maxsim_search
 
     d, off = data.docs_f32()
     q, qoff = data.queries(MAXSIM_BATCH)
@@ -318,7 +250,7 @@ def _code_data(data: _Data):
 
 
 def _bench_code(data: _Data, t: int, roof: dict, quant: bool) -> Result:
-    from retrieval_prune.index.ops import code_table, maxsim_code_scores, quantize_table
+    from retrieval_prune.kernels.ops import code_table, maxsim_code_scores, quantize_table
 
     cent, codes, off = _code_data(data)
     q, _ = data.queries(1)
@@ -350,7 +282,7 @@ RESIDUAL_NBITS = 2
 def bench_maxsim_residual(data: _Data, t: int, roof: dict) -> Result:
     """Residual decode (K=256, nbits=2, renormalised) + exact MaxSim of every document;
     roof: the float32 MaxSim compute bound sgemm_gflops / (2 * 32 * 128 * 128)."""
-    from retrieval_prune.index.ops import maxsim_residual_rerank
+    from retrieval_prune.kernels.ops import maxsim_residual_rerank
 
     def build():
         n = data.n_docs
@@ -379,7 +311,7 @@ TABLE_CENTROIDS = 16384  # the codebook of the SciFact `default` index (k_scale=
 def _table_data(data: _Data):
     def build():
         from retrieval_prune.compress.kmeans import _quantize_int8
-        from retrieval_prune.index.ops import _pack
+        from retrieval_prune.kernels.ops import _pack
 
         cent = _normed(data.rng, TABLE_CENTROIDS, DIM)
         c8, scale = _quantize_int8(cent)
@@ -437,7 +369,7 @@ def bench_maxsim_binary_asym(data: _Data, t: int, roof: dict) -> Result:
     Roof: every document token adds DIM/8 LUT rows of 64 B (32 int16 lanes) streamed
     from L2 at <= 64 B/cycle: docs/s <= clock / (T * DIM / 8) per core (~1.8M at 3.6 GHz).
     """
-    from retrieval_prune.index.ops import binary_lut, maxsim_binary
+    from retrieval_prune.kernels.ops import binary_lut, maxsim_binary
 
     bits, off = _bits_data(data)
     q, _ = data.queries(1)
@@ -459,7 +391,7 @@ def bench_maxsim_binary(data: _Data, t: int, roof: dict) -> Result:
     """Binary MaxSim: sign bits of the query against sign bits of the documents
     (Hamming, planar word arrays -- the design.md section 5 "binary MaxSim" row); roof:
     the ALU estimate above (~2.3M docs/s per core at 3.6 GHz)."""
-    from retrieval_prune.index.ops import maxsim_hamming, to_planar
+    from retrieval_prune.kernels.ops import maxsim_hamming, to_planar
 
     bits, off = _bits_data(data)
     planar = data.get("planar", lambda: to_planar(bits, off, DIM))
@@ -478,7 +410,7 @@ def _hamming_codes(data: _Data) -> np.ndarray:
 
 def bench_hamming_scan_128(data: _Data, t: int, roof: dict) -> Result:
     """One 128-bit query vs 32 Mi codes, top-10 fused; ratio = bytes read/s / read_gbps."""
-    from retrieval_prune.index.ops import hamming_scan_128
+    from retrieval_prune.kernels.ops import hamming_scan_128
 
     codes = _hamming_codes(data).view("<u8")
     q = codes[123].copy()

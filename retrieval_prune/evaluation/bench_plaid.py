@@ -136,7 +136,6 @@ class OurEngine:
     def __init__(self, ctx: Any, spec: str, folder: Path, *, checkpoint: str | None,
                  progress: bool = False):
         from retrieval_prune.evaluation.runner import evaluate_pipeline, peak_rss_reset
-        from retrieval_prune.index.pipeline import make_pipeline
 
         self.spec = spec
         self.folder = Path(folder)
@@ -150,7 +149,6 @@ class OurEngine:
         nbits = _nbits_of(self.row["pipeline_canonical"])
         if nbits is not None:
             self.row["nbits"] = nbits
-        self._pipe = make_pipeline(spec)
         self._ctx = ctx
         self.index = None
 
@@ -158,7 +156,9 @@ class OurEngine:
         from retrieval_prune.index.base import load_index
 
         self.index = load_index(self.folder)
-        self.queries = self._pipe.transform_queries(self._ctx.queries)
+        from retrieval_prune.pipeline import Pipeline
+
+        self.queries = Pipeline.for_index(self.index).transform_queries(self._ctx.queries)
         self._doc_ids = self.index.doc_ids
 
     def search(self, qi: int, k: int) -> list[tuple[str, float]]:
@@ -170,14 +170,11 @@ class OurEngine:
 
 
 def _nbits_of(spec: str) -> int | None:
-    for part in spec.split("|"):
-        name, _, params = part.strip().partition(":")
-        if name.strip() == "residual":
-            for kv in params.split(","):
-                key, _, val = kv.partition("=")
-                if key.strip() == "nbits":
-                    return int(val)
-    return None
+    """Residual bits of the codec a pipeline spec stores with (None: not residual codes)."""
+    from retrieval_prune.pipeline import make_pipeline
+
+    chain = getattr(make_pipeline(spec).index, "chain", None)
+    return getattr(chain.storage, "nbits", None) if chain is not None else None
 
 
 class _VectorCheckpoint:
@@ -608,7 +605,7 @@ def _md(text: str) -> str:
 
 def _md_columns() -> list[tuple[str, str, str]]:
     """The eval table's quality and size columns, framed by engine, build and latency ones."""
-    from retrieval_prune.cli import EVAL_COLUMNS
+    from retrieval_prune.evaluation.report import EVAL_COLUMNS
 
     shared = EVAL_COLUMNS[1 : [c[0] for c in EVAL_COLUMNS].index("build_s") + 1]
     return [("engine", "engine", "{}"), *shared,
@@ -620,7 +617,7 @@ def _md_columns() -> list[tuple[str, str, str]]:
 
 def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
     """The twin Markdown report: table, latency at every thread count, ratios, command."""
-    from retrieval_prune.cli import format_table
+    from retrieval_prune.evaluation.report import format_table
 
     rows, meta, summ = result["rows"], result["meta"], result["summary"]
     lines = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -26,10 +25,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from retrieval_prune.atomic import atomic_write_json
 from retrieval_prune.data import load_beir
 from retrieval_prune.evaluation.metrics import evaluate
-from retrieval_prune.index.pipeline import make_pipeline
 from retrieval_prune.index.storage import current_generation
+from retrieval_prune.pipeline import Pipeline, make_pipeline
+from retrieval_prune.pipeline.build import build, cache_root
 from retrieval_prune.types import Corpus, MultiVectors
 
 __all__ = ["evaluate_grid", "evaluate_pipeline", "index_bytes", "peak_rss_reset", "peak_rss_mb"]
@@ -78,8 +79,7 @@ def index_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("RETRIEVAL_PRUNE_CACHE", ".cache")).resolve()
+_cache_root = cache_root  # one definition of the cache root: the build path's
 
 
 class DatasetContext:
@@ -137,9 +137,7 @@ class DatasetContext:
         index.add(self.docs, self.doc_ids)
         run = index.search(self.queries, k=100).to_run(self.qids)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run))
-        os.replace(tmp, path)
+        atomic_write_json(path, run)
         return run
 
 
@@ -199,22 +197,20 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
     """Build ``spec`` over ``ctx``'s corpus, save it, reopen it from disk, search, score."""
     from retrieval_prune.index.base import load_index
 
-    pipe = make_pipeline(spec)
-    peak_rss_reset()
-    t0 = time.perf_counter()
-    index = pipe.build(ctx.docs, ctx.doc_ids, encoder_settings=ctx.encoder_settings)
     tmpdir = None
     if index_dir is None:
         tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=_cache_root())
         index_dir = Path(tmpdir) / "index"
-    index.save(index_dir)
-    build_s = time.perf_counter() - t0
-    n_vectors = _stored_vectors(index)
-    del index
+    peak_rss_reset()
+    built = build(spec, ctx.doc_ids, docs=ctx.docs, encoder_settings=ctx.encoder_settings,
+                  out=index_dir)
+    pipe, build_s = built.pipeline, built.seconds
+    n_vectors = _stored_vectors(built.index)
+    del built
     try:
         nbytes = index_bytes(index_dir)
         index = load_index(index_dir)
-        queries = pipe.transform_queries(ctx.queries)
+        queries = Pipeline.for_index(index).transform_queries(ctx.queries)
         index.search(queries[0:1], k=100)  # warm-up (JIT compile, page-in)
         lat, run = [], {}
         it = range(len(queries))

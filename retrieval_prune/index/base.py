@@ -28,16 +28,12 @@ from retrieval_prune.registry import Component
 from retrieval_prune.types import MultiVectors, SearchResult, check_k
 
 __all__ = [
-    "MultiVectorIndex", "encode_strings", "decode_strings", "restore_common", "load_index", "INDEX_TYPES",
+    "MultiVectorIndex", "encode_strings", "decode_strings", "restore_common", "load_index", "index_types",
 ]
 
 #: most queries in one ``search`` call, most vectors in one query (named errors beyond)
 MAX_QUERIES = 100_000
 MAX_QUERY_VECTORS = 8192
-
-#: index type name (manifest "type") -> class, filled by ``register_index_type``
-INDEX_TYPES: dict[str, type[MultiVectorIndex]] = {}
-
 
 def encode_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pack strings as a UTF-8 byte blob (uint8) plus int64 offsets (no pickle)."""
@@ -84,11 +80,6 @@ def restore_common(obj: MultiVectorIndex, meta: dict[str, Any], arrays: dict[str
     obj.pipeline_spec = meta.get("pipeline") or meta["spec"]
     obj.encoder_settings = meta.get("encoder")
     obj.info = meta.get("info") or {}
-
-
-def register_index_type(cls: type[MultiVectorIndex]) -> type[MultiVectorIndex]:
-    INDEX_TYPES[cls.index_type] = cls
-    return cls
 
 
 class MultiVectorIndex(Component):
@@ -315,6 +306,22 @@ class MultiVectorIndex(Component):
         return load_index(path, verify=verify)
 
 
+def index_types() -> dict[str, type[MultiVectorIndex]]:
+    """Index type name (a manifest's ``"type"``) -> class, read off the main registry: every
+    registered ``index``-stage component with an ``index_type`` (built-ins and plugins),
+    plus :class:`~retrieval_prune.index.compressed.CompressedIndex`, the index a pipeline
+    makes from codec steps alone, which no spec names and so is not registered."""
+    from retrieval_prune import registry
+    from retrieval_prune.index.compressed import CompressedIndex
+
+    found: dict[str, type[MultiVectorIndex]] = {CompressedIndex.index_type: CompressedIndex}
+    for cls in registry.available("index").values():
+        itype = getattr(cls, "index_type", "")
+        if itype and isinstance(cls, type) and issubclass(cls, MultiVectorIndex):
+            found.setdefault(itype, cls)
+    return found
+
+
 def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
     """Open any saved index by the type its manifest declares (checksums verified).
 
@@ -323,18 +330,17 @@ def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
     anything wrong raises :class:`~retrieval_prune.index.storage.IndexCorruptedError`.
     The loaded index remembers which generation it came from (``loaded_pointer``).
     """
-    import retrieval_prune.registry as registry
     from retrieval_prune.index.manifest import ManifestError, check_index_meta
 
-    registry.available()  # import the built-in index types
+    types = index_types()
     meta, arrays, gen = storage.read_generation(path, verify=verify)
     where = gen / "manifest.json"
     try:
-        check_index_meta(meta, set(INDEX_TYPES))
+        check_index_meta(meta, set(types))
     except ManifestError as exc:
         raise storage.IndexCorruptedError(f"{where}: {exc}") from None
     try:
-        index = INDEX_TYPES[meta["type"]]._from_saved(meta, arrays)
+        index = types[meta["type"]]._from_saved(meta, arrays)
     except storage.IndexCorruptedError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,

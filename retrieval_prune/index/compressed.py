@@ -29,7 +29,7 @@ import numpy as np
 from retrieval_prune.compress.base import Codec
 from retrieval_prune.compress.chain import CodecChain
 from retrieval_prune.index import storage
-from retrieval_prune.index.base import MultiVectorIndex, register_index_type, restore_common
+from retrieval_prune.index.base import MultiVectorIndex, restore_common
 from retrieval_prune.types import MultiVectors, all_finite
 
 __all__ = ["CompressedIndex", "blocked_maxsim"]
@@ -44,7 +44,6 @@ PARALLEL_MIN_TOKENS = 1 << 16
 DECODE_TOKENS = 1 << 17
 
 
-@register_index_type
 class CompressedIndex(MultiVectorIndex):
     """Codes of a :class:`~retrieval_prune.compress.CodecChain`, brute-force search.
 
@@ -184,7 +183,7 @@ class CompressedIndex(MultiVectorIndex):
         q = self.chain.transform(queries.embeddings)
         kind = self.storage_codec.score_kind
         if kind == "float":
-            from retrieval_prune.index.ops import maxsim_search
+            from retrieval_prune.kernels.ops import maxsim_search
 
             return self._search_decoded(maxsim_search, q, queries.offsets, k)
         qside = self._query_side(q) if kind == "table" else q
@@ -193,16 +192,16 @@ class CompressedIndex(MultiVectorIndex):
     def _planar_bits(self):
         """Planar sign-bit layout of the Hamming kernel, built once per payload."""
         if getattr(self, "_planar", None) is None:
-            from retrieval_prune.index.ops import to_planar
+            from retrieval_prune.kernels.ops import to_planar
 
             self._planar = to_planar(self._parts["bits"], self._offsets, self.storage_codec.dim_in)
         return self._planar
 
     def _search_scan(self, qside: np.ndarray, q_off: np.ndarray, k: int):
         """Per query, score every document straight from its codes with the matching
-        kernel (:mod:`retrieval_prune.index.ops`; fp16 via :mod:`..compress._scan`)."""
-        from retrieval_prune.compress import _scan
-        from retrieval_prune.index import ops
+        kernel (:mod:`retrieval_prune.kernels.ops`; fp16 via :mod:`retrieval_prune.kernels.scan`)."""
+        from retrieval_prune.kernels import ops
+        from retrieval_prune.kernels import scan as _scan
 
         codec = self.storage_codec
         kind = codec.score_kind

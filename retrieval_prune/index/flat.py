@@ -6,14 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval_prune.index.base import MultiVectorIndex, register_index_type
+from retrieval_prune.index.base import MultiVectorIndex
 from retrieval_prune.registry import register
 from retrieval_prune.types import MultiVectors
 
 __all__ = ["FlatIndex"]
 
 
-@register_index_type
 @register
 class FlatIndex(MultiVectorIndex):
     """Exact MaxSim over uncompressed vectors — the reference every pipeline is measured against.
@@ -57,7 +56,7 @@ class FlatIndex(MultiVectorIndex):
         self._offsets = np.concatenate([self._offsets, docs.offsets[1:] + self._offsets[-1]])
 
     def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from retrieval_prune.index.ops import maxsim_search
+        from retrieval_prune.kernels.ops import maxsim_search
 
         return maxsim_search(
             queries.embeddings, queries.offsets, self._emb, self._offsets, k, alive=self.alive

@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from retrieval_prune.index import storage
-from retrieval_prune.index.base import register_index_type
 from retrieval_prune.index.staged import STAGE_PARAMS, StagedIndex
 from retrieval_prune.registry import Param, register
 
@@ -145,7 +144,6 @@ def _hnswlib():
     return hnswlib
 
 
-@register_index_type
 @register
 class HNSWIndex(StagedIndex):
     """Staged search with an HNSW graph over the centroids as candidate generator.

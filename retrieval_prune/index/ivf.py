@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from retrieval_prune.index.base import register_index_type
 from retrieval_prune.index.staged import STAGE_PARAMS, StagedIndex
 from retrieval_prune.kernels import ivf as _ivf_k
 from retrieval_prune.registry import Param, register
@@ -44,7 +43,6 @@ def sign_words(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bits).view("<u8").astype(np.uint64, copy=False).reshape(-1, nw)
 
 
-@register_index_type
 @register
 class IVFIndex(StagedIndex):
     """Staged search over centroid codes with an inverted file (PLAID-style).

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -123,12 +123,11 @@ class StagedIndex(CompressedIndex):
     @classmethod
     def from_spec(cls, spec: str, seed: int = 0) -> StagedIndex:  # type: ignore[override]
         """Parse ``"<codec chain> | <name>:<params>"`` (the index's own canonical spec)."""
-        parts = [p.strip() for p in spec.split("|")]
-        name, _, _ = parts[-1].partition(":")
-        if name.strip() != cls.name:
+        steps = registry.parse_spec(spec)
+        name, params = steps[-1]
+        if name != cls.name:
             return cls(CodecChain.from_spec(spec), seed=seed)
-        (_, params), = registry.parse_spec(parts[-1])
-        chain = CodecChain.from_spec(" | ".join(parts[:-1])) if len(parts) > 1 else None
+        chain = CodecChain.from_spec(registry.format_spec(steps[:-1])) if len(steps) > 1 else None
         return cls(chain, seed=seed, **params)
 
     @property
@@ -157,10 +156,12 @@ class StagedIndex(CompressedIndex):
         for key, value in self._check_params(merged).items():
             setattr(self, key, value)
         self._check_search_params()
-        if self.pipeline_spec:
-            head = self.pipeline_spec.rsplit("|", 1)[0] if "|" in self.pipeline_spec else ""
-            tokens = [s for s in head.split("|") if s.strip() and _stage_of(s) == "tokens"]
-            self.pipeline_spec = " | ".join([t.strip() for t in tokens] + [self.spec])
+        if self.pipeline_spec:  # the steps before the codecs stay; the index part is rewritten
+            before = [
+                (name, params) for name, params in registry.parse_spec(self.pipeline_spec)
+                if registry.get(name).stage not in ("codec", "index")
+            ]
+            self.pipeline_spec = " | ".join(([registry.format_spec(before)] if before else []) + [self.spec])
         return self
 
     def _check_search_params(self) -> None:
@@ -324,7 +325,7 @@ class StagedIndex(CompressedIndex):
             return self._search_staged(queries, k)
 
     def _search_staged(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from retrieval_prune.index.ops import _pack
+        from retrieval_prune.kernels.ops import _pack
 
         cache = self._prepare()
         q_all = np.ascontiguousarray(self.chain.transform(queries.embeddings), dtype=np.float32)
@@ -352,7 +353,7 @@ class StagedIndex(CompressedIndex):
 
     def _score_table(self, cache, qp: np.ndarray) -> np.ndarray:
         """Stage 1: ``float32 (K, W)`` centroid scores of one packed query (``qp``, 16-lane
-        vectors as :func:`~retrieval_prune.index.ops._pack` makes them); column ``i < n_q``
+        vectors as :func:`~retrieval_prune.kernels.ops._pack` makes them); column ``i < n_q``
         is query token ``i``, the padding columns are 0.
 
         With an int8 codebook the query is quantised to int8 per token too and the table
@@ -446,7 +447,7 @@ class StagedIndex(CompressedIndex):
     def _interaction_f32(self, cache, table, cand) -> np.ndarray:
         """Full centroid interaction of candidates with the float32 table (lane-padded
         with zero columns, as :meth:`_score_table` makes it; other widths are padded)."""
-        from retrieval_prune.index.ops import _pad_lanes
+        from retrieval_prune.kernels.ops import _pad_lanes
 
         tp = _pad_lanes(np.ascontiguousarray(table, dtype=np.float32), _LANES_F32)
         out = np.empty(cand.size, np.float32)
@@ -459,7 +460,7 @@ class StagedIndex(CompressedIndex):
     def _rerank(self, cache, table, q, cand, qp=None) -> np.ndarray:
         """Final scores of ``cand``: exact MaxSim on decompressed residuals, or the float
         code table when the storage keeps centroid ids only. ``qp``: ``q`` packed, if at hand."""
-        from retrieval_prune.index.ops import _pack, _pad_lanes
+        from retrieval_prune.kernels.ops import _pack, _pad_lanes
 
         out = np.empty(cand.size, np.float32)
         if cand.size == 0:
@@ -562,14 +563,6 @@ def _blas_single_thread():
     return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
-def _stage_of(step: str) -> str | None:
-    name = step.strip().partition(":")[0].strip()
-    try:
-        return registry.get(name).stage
-    except ValueError:
-        return None
-
-
 def _select(cand: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     """The ``n`` best candidates by score (ties: lower position), returned in id order."""
     if cand.size <= n:
@@ -583,9 +576,9 @@ def _select(cand: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
 
 # -- bounded-memory build ----------------------------------------------------------------------
 def build_streaming(
-    index: StagedIndex,
+    index: CompressedIndex,
     path: str | Path,
-    batches: Iterable[tuple[MultiVectors, Sequence[str]]],
+    batches: Iterable[tuple],
     *,
     encoder_settings: dict[str, Any] | None = None,
     progress: Any = None,
@@ -597,7 +590,8 @@ def build_streaming(
     so memory is bounded by one batch whatever the corpus size. The generation is committed
     like any other (checksums, fsync, atomic pointer swap); a crash leaves the previous one.
 
-    Returns the new generation folder. Batches are ``(MultiVectors, ids)`` already through
+    Returns the new generation folder. Batches are ``(MultiVectors, ids)`` or
+    ``(MultiVectors, ids, texts)`` (texts stored like an in-memory build's), already through
     the pipeline's token steps.
     """
     if not index.chain.is_fitted:
@@ -615,14 +609,34 @@ def build_streaming(
         blob = storage.NpyAppender(scratch / "doc_ids_blob.npy", np.uint8)
         blob_off = storage.NpyAppender(scratch / "doc_ids_offsets.npy", np.int64)
         alive = storage.NpyAppender(scratch / "alive.npy", np.uint8)
+        tblob = tblob_off = None  # created with the first batch that brings texts
         offs.append(np.zeros(1, np.int64))
         blob_off.append(np.zeros(1, np.int64))
+        with_texts: bool | None = None
+        n_text_bytes = 0
         seen: set[str] = set()
         n_tok = n_docs = n_bytes = 0
         t0 = time.perf_counter()
         dim = index.chain.dim_in
-        for docs, ids in batches:
+        for batch in batches:
+            docs, ids = batch[0], batch[1]
+            texts = batch[2] if len(batch) > 2 else None
+            if with_texts is None:
+                with_texts = texts is not None
+                if with_texts:
+                    tblob = storage.NpyAppender(scratch / "texts_blob.npy", np.uint8)
+                    tblob_off = storage.NpyAppender(scratch / "texts_offsets.npy", np.int64)
+                    tblob_off.append(np.zeros(1, np.int64))
+            elif with_texts != (texts is not None):
+                raise ValueError("give texts with every batch or with none")
             ids = [str(i) for i in ids]
+            if texts is not None:
+                if len(texts) != len(ids):
+                    raise ValueError(f"{len(texts)} texts for {len(ids)} ids in a batch")
+                tb, tbo = encode_strings(list(texts))
+                tblob.append(tb)
+                tblob_off.append(tbo[1:] + n_text_bytes)
+                n_text_bytes += int(tb.size)
             if len(ids) != len(docs):
                 raise ValueError(f"{len(ids)} ids for {len(docs)} documents in a batch")
             if docs.dim != dim:
@@ -650,7 +664,8 @@ def build_streaming(
                 progress(n_docs, n_tok)
         if n_docs == 0:
             raise ValueError("the corpus is empty; an index needs at least one document")
-        npy = {p.path.name[: -len(".npy")]: p.close() for p in [*apps.values(), offs, blob, blob_off, alive]}
+        parts = [*apps.values(), offs, blob, blob_off, alive] + ([tblob, tblob_off] if with_texts else [])
+        npy = {p.path.name[: -len(".npy")]: p.close() for p in parts}
         info = index.info.setdefault("codec", {})
         info["encode_seconds"] = round(time.perf_counter() - t0, 3)
         info["streamed"] = True
@@ -659,7 +674,8 @@ def build_streaming(
         meta = index._meta()
         meta["n_positions"] = n_docs
         meta["n_docs"] = n_docs
-        files = index._native_files(scratch)
+        native = getattr(index, "_native_files", None)
+        files = native(scratch) if native is not None else {}
         return storage.write_generation(
             path, index.chain.state_arrays(), meta, files=files, npy_files=npy
         )

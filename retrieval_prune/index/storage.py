@@ -14,7 +14,7 @@ live, never a mix. Readers resolve ``CURRENT`` once and pin that generation.
 Because ``CURRENT`` carries the manifest's sha256, a changed byte in the pointer or in
 ``manifest.json`` is caught too (the manifest's own entries then guard every other file).
 
-Large arrays can be streamed to disk in batches (:class:`NpyAppender`, bounded memory)
+Large arrays can be streamed to disk in batches (:class:`~retrieval_prune.npyio.NpyAppender`)
 and handed to :func:`write_generation` as ready ``.npy`` files.
 
 ``manifest.json`` records the format name and version, the package version, the
@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ import numpy as np
 
 from retrieval_prune import __version__
 from retrieval_prune.index.manifest import ManifestError, check_manifest, parse_manifest
+from retrieval_prune.npyio import NpyAppender, npy_header
 
 __all__ = [
     "FORMAT_NAME",
@@ -372,7 +372,7 @@ def _commit(root, arrays, meta, files, npy_files) -> Path:
                 raise ValueError(f"array {name!r} given both in arrays and npy_files")
             os.replace(src, tmp / fname)
             _fsync_file(tmp / fname)
-            dtype, shape = _npy_header(tmp / fname)
+            dtype, shape = npy_header(tmp / fname)
             entries[fname] = {"kind": "npy", "dtype": dtype.str, "shape": list(shape)}
         for name, src in (files or {}).items():
             if not _NAME_RE.match(name) or name == "manifest.json":
@@ -519,7 +519,7 @@ def read_generation(
             raise IndexCorruptedError(f"index file {p} fails its sha256 check (changed on disk)")
         if entry["kind"] == "npy":
             try:
-                dtype, shape = _npy_header(p)
+                dtype, shape = npy_header(p)
             except Exception as exc:  # header damage that slipped past a size-only check
                 raise IndexCorruptedError(f"index file {p} cannot be read as .npy: {exc}") from None
             if dtype.str != entry["dtype"] or list(shape) != entry["shape"]:
@@ -546,22 +546,6 @@ def read_generation(
 
 
 # -- streaming writes ----------------------------------------------------------------------
-#: bytes reserved for the header of a streamed .npy file (a multiple of 64, numpy's alignment)
-_NPY_HEADER = 128
-
-
-def _npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if fortran or dtype.hasobject:
-        raise ValueError(f"{path}: only C-order arrays without objects can be stored")
-    return dtype, tuple(shape)
-
-
 def scratch_dir(root: str | Path) -> Path:
     """A fresh folder inside index ``root`` for files streamed before a commit (same
     filesystem, so :func:`write_generation` can rename them); its name carries this
@@ -569,66 +553,3 @@ def scratch_dir(root: str | Path) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".tmp-scratch-{os.getpid()}-", dir=root))
-
-
-class NpyAppender:
-    """Append rows to a ``.npy`` file in batches; the header is written on :meth:`close`.
-
-    Memory stays bounded by the batch: rows go straight to the file. The result is a
-    plain C-order ``.npy`` (version 1.0) that ``np.load(..., mmap_mode="r")`` opens.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.npy"
-    >>> with NpyAppender(p, np.float32, (2,)) as app:
-    ...     app.append(np.ones((3, 2), np.float32)); app.append(np.zeros((1, 2), np.float32))
-    >>> np.load(p).shape
-    (4, 2)
-    """
-
-    def __init__(self, path: str | Path, dtype: Any, tail: tuple[int, ...] = ()) -> None:
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype)
-        if self.dtype.hasobject:
-            raise TypeError("object arrays cannot be stored")
-        self.tail = tuple(int(t) for t in tail)
-        self.rows = 0
-        self._f = open(self.path, "wb")
-        self._f.write(b"\0" * _NPY_HEADER)
-
-    def append(self, rows: np.ndarray) -> None:
-        a = np.asarray(rows)
-        if a.shape[1:] != self.tail:
-            raise ValueError(f"{self.path.name}: rows of shape {a.shape[1:]}, expected {self.tail}")
-        a = np.ascontiguousarray(a, dtype=self.dtype)
-        if a.size:
-            self._f.write(memoryview(a.reshape(-1)).cast("B"))
-        self.rows += a.shape[0]
-
-    def close(self) -> Path:
-        if self._f.closed:
-            return self.path
-        header = repr(
-            {
-                "descr": np.lib.format.dtype_to_descr(self.dtype),
-                "fortran_order": False,
-                "shape": (self.rows, *self.tail),
-            }
-        ).encode("latin1")
-        body = _NPY_HEADER - 10
-        if len(header) + 1 > body:
-            raise ValueError(f"{self.path.name}: header too long for the reserved space")
-        header = header + b" " * (body - len(header) - 1) + b"\n"
-        self._f.seek(0)
-        self._f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", body) + header)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self.path
-
-    def __enter__(self) -> NpyAppender:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -1,1 +1,2 @@
-"""Numba kernels: @njit functions only, no validation (see wrappers in index/ and compress/)."""
+"""Numba kernels: @njit functions that never validate, their validating wrappers (:mod:`.ops`)
+and the LLVM popcount / SIMD vector intrinsics they are written with (:mod:`.simd`)."""

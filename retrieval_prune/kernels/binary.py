@@ -21,7 +21,7 @@ Asymmetric MaxSim (float query vs +-1 document bits)
 
 Hamming MaxSim (bits vs bits)
     similarity = dim - 2 * hamming (= the +-1 dot product), score = sum_i max_j.
-    Documents use a planar layout built once by ``index.ops.to_planar``: word ``w`` of
+    Documents use a planar layout built once by ``kernels.ops.to_planar``: word ``w`` of
     every token is contiguous (``words[w, token]``), and each document is padded to a
     multiple of 8 tokens by repeating its last token (max is idempotent). 8 tokens are
     then one ``uint64 x 8`` vector per word: xor, ``VPOPCNTQ``, add, min.
@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import NEG
-from .popcount import (
+from .simd import (
     popcount,
     vadd,
     vhadd,

@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
 from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot8x1
-from .popcount import (
+from .simd import (
     HAS_VNNI,
     load_u64,
     vadd,

@@ -21,14 +21,14 @@ Probes run serially: a query has a few dozen tokens, too little work for a threa
 Hamming probe
 -------------
 Top-``n`` nearest centroids of every query token by Hamming distance between sign bits
-(``uint64`` words), the popcount through LLVM ``ctpop`` (:func:`.popcount.popcount`).
+(``uint64`` words), the popcount through LLVM ``ctpop`` (:func:`.simd.popcount`).
 """
 
 import numpy as np
 from numba import njit
 
 from ._config import NJIT
-from .popcount import popcount, vload, vlt_any
+from .simd import popcount, vload, vlt_any
 
 #: float32 lanes of the probe's vector path (the lane-padded table's column groups)
 _L = 16

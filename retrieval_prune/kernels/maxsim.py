@@ -4,7 +4,7 @@ Layout
 ------
 Documents are the flat ``float32`` token matrix of a :class:`MultiVectors` passed as a
 1-D view ``D1 = embeddings.reshape(-1)`` plus its ``int64`` offsets. A query is packed
-once by the wrapper (``index.ops.pack_queries``) into 16-lane vectors of query tokens:
+once by the wrapper (``kernels.ops.pack_queries``) into 16-lane vectors of query tokens:
 ``qp[v, d, l] = q[16 * v + l, d]`` (zero rows pad the last vector), flattened, so that the
 16 values a vector instruction needs sit together.
 
@@ -17,7 +17,7 @@ broadcasts and 8 FMAs into 8 register accumulators -- the shape of a GEMM micro-
 The running max per query token then stays in two vector registers for the whole
 document. Numba/LLVM does not find this layout by itself (the loop vectoriser picks
 ``d`` and pays a horizontal sum per dot product; Numba disables the SLP vectoriser), so
-the kernel is written with the explicit vector type of :mod:`.popcount`
+the kernel is written with the explicit vector type of :mod:`.simd`
 (``Vec(float32 x 16)``, an LLVM ``<16 x float>``: one zmm register with AVX-512, two ymm
 with AVX2). The measured design note (a 4 query x 1 document token loop vectorised over
 ``d``) reached 0.56-0.69 of sgemm here; this layout reaches about 0.85.
@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .popcount import prefetch, vbroadcast, vbroadcast_f32, vfma, vload, vmax, vsplat, vstore
+from .simd import prefetch, vbroadcast, vbroadcast_f32, vfma, vload, vmax, vsplat, vstore
 from .topk import topk_push
 
 #: Finite stand-in for -inf inside kernels (largest negative float32).

@@ -32,7 +32,8 @@ import numpy as np
 
 from retrieval_prune.index import storage
 from retrieval_prune.index.base import MultiVectorIndex, load_index
-from retrieval_prune.index.pipeline import Pipeline, make_pipeline
+from retrieval_prune.pipeline import Pipeline
+from retrieval_prune.pipeline.build import build as build_pipeline
 from retrieval_prune.retrieve._rwlock import RWLock
 from retrieval_prune.retrieve.hashing import HASHING_MODE, HashingEncoder
 from retrieval_prune.types import MultiVectors, check_k
@@ -180,7 +181,7 @@ class Retriever:
         settings they are compared and a mismatch raises ``ValueError``.
     pipeline : Pipeline, optional
         Whose token steps are replayed on queries and added documents; default
-        ``make_pipeline(index.pipeline_spec)``.
+        the one recorded in the index's manifest (:meth:`Pipeline.for_index`).
     path : str or Path, optional
         Index folder :meth:`save` writes to by default (set by :meth:`from_index`).
     auto_compact : float or None
@@ -227,7 +228,7 @@ class Retriever:
             index.encoder_settings = settings
         self.index = index
         self.encoder = encoder
-        self.pipeline = pipeline if pipeline is not None else make_pipeline(index.pipeline_spec)
+        self.pipeline = pipeline if pipeline is not None else Pipeline.for_index(index)
         self.path = Path(path) if path is not None else None
         self.auto_compact = auto_compact
         self._metadata: dict[str, dict[str, Any]] = index.info.setdefault(METADATA_KEY, {})
@@ -263,9 +264,7 @@ class Retriever:
                     f"{path} records no encoder settings (built from vectors); pass encoder="
                 )
             encoder = load_encoder(index.encoder_settings, checkpoint)
-        return cls(
-            index, encoder, make_pipeline(index.pipeline_spec), path=path, auto_compact=auto_compact
-        )
+        return cls(index, encoder, Pipeline.for_index(index), path=path, auto_compact=auto_compact)
 
     @classmethod
     def from_texts(
@@ -284,13 +283,10 @@ class Retriever:
         ids = [str(i) for i in _str_list(ids, "ids", allow_empty_items=False)]
         texts = _str_list(texts, "texts", allow_empty_items=True)
         metas = _check_metadatas(metadatas, len(ids))
-        pipe = make_pipeline(pipeline)
-        docs = encoder.encode_documents(
-            texts, progress=progress, return_importance=pipe.needs_importance
-        )
-        index = pipe.build(docs, ids, texts=texts, encoder_settings=dict(encoder.settings))
+        built = build_pipeline(pipeline, ids, texts=texts, encoder=encoder, progress=progress)
+        index = built.index
         index.info[METADATA_KEY] = {i: m for i, m in zip(ids, metas, strict=True) if m}
-        r = cls(index, encoder, pipe, path=path, auto_compact=auto_compact)
+        r = cls(index, encoder, built.pipeline, path=path, auto_compact=auto_compact)
         if path is not None:
             r._saved = None
             r.save()
@@ -550,10 +546,7 @@ class Retriever:
                     f"{self.path} was rebuilt with another encoder ({'; '.join(diff[:3])}); "
                     "open it again with that encoder"
                 )
-        pipeline = (
-            self.pipeline if index.pipeline_spec == self.index.pipeline_spec
-            else make_pipeline(index.pipeline_spec)
-        )
+        pipeline = Pipeline.for_index(index)
         with self._lock.write():
             self.index = index
             self.pipeline = pipeline

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_prune.atomic import atomic_write_json
 from retrieval_prune.types import Corpus
 
 __all__ = [
@@ -257,7 +258,7 @@ def mine_maxsim_negatives(
         ranked = json.loads(path.read_text(encoding="utf-8"))
     else:
         from retrieval_prune.encode import Encoder
-        from retrieval_prune.index.ops import maxsim_search
+        from retrieval_prune.kernels.ops import maxsim_search
 
         enc = Encoder.load(None)  # zero-shot: same settings as `eval` without --checkpoint
         cache = EmbeddingCache(_cache_root() / "embeddings")
@@ -269,9 +270,7 @@ def mine_maxsim_negatives(
         )
         ranked = ids.tolist()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(ranked), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(path, ranked)
     out = []
     for row, pos in zip(ranked, positives, strict=True):
         ps = set(pos.tolist())

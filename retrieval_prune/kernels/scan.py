@@ -1,8 +1,8 @@
 """Numba scan for float16 storage, and top-k selection from per-document scores.
 
 The code kernels (centroid table, residual, sign bits) live in
-:mod:`retrieval_prune.kernels` behind :mod:`retrieval_prune.index.ops`; float16 has no
-kernel there (Numba has no float16 type), so it is scanned here through a
+this package behind :mod:`retrieval_prune.kernels.ops`; float16 has no kernel
+there (Numba has no float16 type), so it is scanned here through a
 bit-pattern -> float32 table. ``@njit`` functions only take arrays and scalars, write
 into ``out`` and never validate. ``out[d]`` = MaxSim of the query with document ``d``,
 ``-inf`` for an empty or dead document.

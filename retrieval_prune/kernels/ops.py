@@ -13,7 +13,7 @@ small and are checked here.
 Examples
 --------
 >>> import numpy as np
->>> from retrieval_prune.index.ops import maxsim_search
+>>> from retrieval_prune.kernels.ops import maxsim_search
 >>> rng = np.random.default_rng(0)
 >>> d = rng.standard_normal((10, 8)).astype(np.float32)
 >>> d_off = np.array([0, 3, 3, 10])            # doc 1 is empty: never returned
@@ -30,11 +30,11 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from ..kernels import binary as _bin
-from ..kernels import codes as _codes_k
-from ..kernels import maxsim as _ms
-from ..kernels.topk import topk_merge
 from ..types import check_k
+from . import binary as _bin
+from . import codes as _codes_k
+from . import maxsim as _ms
+from .topk import topk_merge
 
 __all__ = [
     "pack_queries",
