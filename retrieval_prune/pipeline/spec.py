@@ -23,7 +23,7 @@ Examples
 --------
 >>> p = make_pipeline("pool:factor=2 | residual:k=16,nbits=2 | ivf")
 >>> p.stages()["tokens"], p.stages()["index"][0].split(":")[0]
-(['pool:factor=2,protect=1'], 'ivf')
+(['pool:factor=2,normalize=true,protect=1'], 'ivf')
 >>> make_pipeline(p.spec).spec == p.spec
 True
 """
