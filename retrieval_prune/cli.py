@@ -68,6 +68,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from retrieval_prune.data import load_beir
     from retrieval_prune.encode import Encoder
     from retrieval_prune.evaluation.runner import (
+        RssSampler,
         current_rss_mb,
         index_bytes,
         peak_rss_mb,
@@ -84,15 +85,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     encoder = Encoder.load(args.checkpoint)
     rss_encoder = current_rss_mb()  # interpreter, libraries and the encoder's weights
     peak_rss_reset()
-    res = build(pipe, corpus.doc_ids, texts=corpus.doc_texts, encoder=encoder, dataset=corpus.name,
-                out=args.out, max_memory_mb=args.max_memory_mb, info={"dataset": corpus.name},
-                progress=not args.quiet)
+    with RssSampler() as mem:
+        res = build(pipe, corpus.doc_ids, texts=corpus.doc_texts, encoder=encoder,
+                    dataset=corpus.name, out=args.out, max_memory_mb=args.max_memory_mb,
+                    info={"dataset": corpus.name}, progress=not args.quiet)
     nbytes = index_bytes(args.out)
     n = len(corpus.doc_ids)
     how = f", streamed under {args.max_memory_mb:,.0f} MiB" if res.streamed else ""
+    split = (f"; anonymous peak {mem.peak_anon_mb:,.0f} MiB, file-backed (mapped page cache) peak "
+             f"{mem.peak_file_mb:,.0f} MiB" if mem.peak_anon_mb is not None else "")
     print(f"built {args.out}: {n} documents, pipeline {res.pipeline.spec!r}, "
           f"{nbytes / n:,.0f} bytes/doc, {res.seconds:.1f} s{how}; peak RSS {peak_rss_mb():,.0f} MiB "
-          f"(of which {rss_encoder:,.0f} MiB before the build: interpreter, libraries, encoder)")
+          f"(of which {rss_encoder:,.0f} MiB before the build: interpreter, libraries, encoder){split}")
     return 0
 
 

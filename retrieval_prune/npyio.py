@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NpyAppender", "npy_header"]
+__all__ = ["NpyAppender", "npy_header", "release_pages"]
 
 #: bytes reserved for the header of a streamed .npy file (a multiple of 64, numpy's alignment)
 _NPY_HEADER = 128
@@ -94,3 +94,20 @@ class NpyAppender:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def release_pages(arr: Any) -> None:
+    """Drop the pages a memory-mapped array has touched from this process's resident set
+    (``madvise(MADV_DONTNEED)`` on its read-only file mapping: the data stay in the page
+    cache and read back on the next access). Streaming passes call it after each block so
+    that reading a large file does not grow the process's RSS by the file's size. A no-op
+    for arrays that are not memory-mapped, or where the platform lacks ``madvise``."""
+    import mmap
+
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass

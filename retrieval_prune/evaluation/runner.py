@@ -63,6 +63,48 @@ def current_rss_mb() -> float:
     return float("nan") if mb is None else mb
 
 
+class RssSampler:
+    """Peaks of this process's anonymous and file-backed resident memory, sampled from
+    ``/proc/self/status`` every ``interval`` seconds in a thread while the block runs.
+
+    ``RssAnon`` is what the process allocated; ``RssFile`` is pages of memory-mapped files
+    it has touched (clean page cache the kernel reclaims under pressure). ``VmHWM`` counts
+    both. Linux only; elsewhere the peaks stay None.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_anon_mb: float | None = None
+        self.peak_file_mb: float | None = None
+        self._stop = None
+
+    def _sample(self) -> None:
+        anon, file_ = _proc_status_mb("RssAnon"), _proc_status_mb("RssFile")
+        if anon is not None:
+            self.peak_anon_mb = max(self.peak_anon_mb or 0.0, anon)
+        if file_ is not None:
+            self.peak_file_mb = max(self.peak_file_mb or 0.0, file_)
+
+    def __enter__(self) -> RssSampler:
+        import threading
+
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._sample()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process since the last reset, in MiB."""
     mb = _proc_status_mb("VmHWM")

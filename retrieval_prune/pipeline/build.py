@@ -30,6 +30,7 @@ from retrieval_prune.index import storage
 from retrieval_prune.index.base import MultiVectorIndex
 from retrieval_prune.index.compressed import CompressedIndex
 from retrieval_prune.index.staged import build_streaming
+from retrieval_prune.npyio import release_pages
 from retrieval_prune.pipeline.executors import Executor, get_executor
 from retrieval_prune.pipeline.spec import Pipeline, make_pipeline
 from retrieval_prune.types import MultiVectors
@@ -200,9 +201,11 @@ def _build_streaming(
         reports: dict[str, dict[str, Any]] = {}
 
         def run_tokens(rng: tuple[int, int]) -> tuple[MultiVectors, list[dict[str, Any]]]:
-            block = docs[rng[0] : rng[1]]
+            block = _in_memory(docs[rng[0] : rng[1]])
+            release_pages(docs.embeddings)  # read pages leave the resident set
+            release_pages(docs.weights)
             block.validate_finite("documents")
-            out_block = pipe.transform_documents(_in_memory(block), fit=False)
+            out_block = pipe.transform_documents(block, fit=False)
             return out_block, list(pipe.reports)
 
         for block, reps in executor.map(run_tokens, blocks):
@@ -223,6 +226,7 @@ def _build_streaming(
                              np.load(scratch / "tokens_offsets.npy"))
         # 2. the codec fit: the same call, on the same vectors, as the in-memory build
         index.fit(tdocs)
+        release_pages(tdocs.embeddings)
         pipe.finish(encoder_settings)
         index.info["streamed"] = {"max_memory_mb": max_memory_mb, "blocks": len(blocks)}
         # 3. codes, block by block, straight to the new generation's files
@@ -230,7 +234,9 @@ def _build_streaming(
 
         def batches() -> Iterator[tuple]:
             for a, b in tblocks:
-                yield (_in_memory(tdocs[a:b]), ids[a:b], None if texts is None else texts[a:b])
+                block = _in_memory(tdocs[a:b])
+                release_pages(tdocs.embeddings)
+                yield (block, ids[a:b], None if texts is None else texts[a:b])
 
         gen = build_streaming(index, out, batches(), encoder_settings=encoder_settings)
         return gen, {"blocks": len(blocks), "block_tokens": block_tokens, "tokens_after_steps": n_tok}
