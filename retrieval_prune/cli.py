@@ -97,6 +97,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"built {args.out}: {n} documents, pipeline {res.pipeline.spec!r}, "
           f"{nbytes / n:,.0f} bytes/doc, {res.seconds:.1f} s{how}; peak RSS {peak_rss_mb():,.0f} MiB "
           f"(of which {rss_encoder:,.0f} MiB before the build: interpreter, libraries, encoder){split}")
+    if res.streamed and mem.samples:
+        parts = [f"{name} {anon:,.0f}/{file_:,.0f}"
+                 for name, (anon, file_) in mem.by_phase(res.stats["phases"]).items()]
+        print("memory by phase, anonymous/file-backed peak MiB: " + ", ".join(parts))
     return 0
 
 

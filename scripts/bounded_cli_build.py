@@ -41,13 +41,16 @@ def run_build(data: str, pipeline: str, out: Path, max_memory_mb: float | None, 
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
-    line = r.stdout.strip().splitlines()[-1]
+    lines = r.stdout.strip().splitlines()
+    line = next(ln for ln in lines if ln.startswith("built "))
+    phase_line = next((ln for ln in lines if ln.startswith("memory by phase")), None)
     peak = float(re.search(r"peak RSS ([\d,]+) MiB", line).group(1).replace(",", ""))
     before = float(re.search(r"of which ([\d,]+) MiB before", line).group(1).replace(",", ""))
     split = re.search(r"anonymous peak ([\d,]+) MiB, file-backed \(mapped page cache\) peak ([\d,]+) MiB", line)
     anon, file_ = (float(g.replace(",", "")) for g in split.groups()) if split else (None, None)
     return {"command": " ".join(cmd[2:]), "wall_s": round(wall, 1), "peak_rss_mb": peak,
-            "rss_before_build_mb": before, "peak_anon_mb": anon, "peak_file_mb": file_, "report": line}
+            "rss_before_build_mb": before, "peak_anon_mb": anon, "peak_file_mb": file_, "report": line,
+            "phases": phase_line}
 
 
 def compare(data: str, a: Path, b: Path, cache: Path) -> dict:
@@ -101,6 +104,10 @@ def markdown(rep: dict) -> str:
         f"Search on the two indexes, {cmp['queries']} judged queries at k=100: "
         f"{cmp['identical_rankings_and_scores']} of {cmp['queries']} identical (ids and scores); canonical "
         f"specs equal: {cmp['specs_equal']}.\n\n"
+        + (f"Streamed build, {s['phases']} (encode: the encoder's forward passes; tokens: "
+           "pooling, a block at a time; fit: the codec's k-means on its sample; codes: coding and "
+           "writing, a block at a time).\n\n" if s.get("phases") else "")
+        +
         "Reading the numbers: the cap bounds what the build allocates (the anonymous memory it adds "
         "to the encoder's footprint). File-backed pages are pages of memory-mapped files (the "
         "embedding cache, the scratch token file) the process has touched; they are clean page "

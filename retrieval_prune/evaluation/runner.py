@@ -76,10 +76,23 @@ class RssSampler:
         self.interval = interval
         self.peak_anon_mb: float | None = None
         self.peak_file_mb: float | None = None
+        self.samples: list[tuple[float, float | None, float | None]] = []
         self._stop = None
+
+    def by_phase(self, phases: list[tuple[str, float]]) -> dict[str, tuple[float, float]]:
+        """``{phase: (anonymous peak, file-backed peak)}`` in MiB, phases given as
+        ``[(name, monotonic start)]`` in order (each runs until the next starts)."""
+        out = {}
+        for i, (name, start) in enumerate(phases):
+            end = phases[i + 1][1] if i + 1 < len(phases) else float("inf")
+            rows = [(a, f) for t, a, f in self.samples if start <= t < end and a is not None]
+            if rows:
+                out[name] = (max(a for a, _ in rows), max(f or 0.0 for _, f in rows))
+        return out
 
     def _sample(self) -> None:
         anon, file_ = _proc_status_mb("RssAnon"), _proc_status_mb("RssFile")
+        self.samples.append((time.monotonic(), anon, file_))
         if anon is not None:
             self.peak_anon_mb = max(self.peak_anon_mb or 0.0, anon)
         if file_ is not None:

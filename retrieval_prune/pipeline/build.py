@@ -142,6 +142,7 @@ def build(
             )
         if not max_memory_mb >= MIN_MEMORY_MB:
             raise ValueError(f"max_memory_mb={max_memory_mb!r} must be >= {MIN_MEMORY_MB}")
+    phases = [("encode", time.monotonic())]  # phase start times, for memory reports
     if docs is None:
         chunk = _chunk_docs(encoder, max_memory_mb) if streamed else None
         docs = encode_corpus(encoder, texts, ids, dataset=dataset, with_importance=pipe.needs_importance,
@@ -156,8 +157,10 @@ def build(
         return BuildResult(pipe, index, Path(out) if out is not None else None, gen,
                            time.perf_counter() - t0, False)
     pipe.index.info.update(info or {})
+    trim_heap()
     gen, stats = _build_streaming(pipe, docs, ids, kept_texts, encoder_settings, Path(out),
-                                  max_memory_mb, get_executor(executor), progress)
+                                  max_memory_mb, get_executor(executor), progress, phases)
+    stats["phases"] = phases
     return BuildResult(pipe, None, Path(out), gen, time.perf_counter() - t0, True, stats)
 
 
@@ -184,7 +187,7 @@ def _blocks(docs: MultiVectors, max_tokens: int) -> list[tuple[int, int]]:
 def _build_streaming(
     pipe: Pipeline, docs: MultiVectors, ids: list[str], texts: list[str] | None,
     encoder_settings: dict[str, Any] | None, out: Path, max_memory_mb: float,
-    executor: Executor, progress: bool,
+    executor: Executor, progress: bool, phases: list[tuple[str, float]],
 ) -> tuple[Path, dict[str, Any]]:
     index = pipe.index
     if len(docs) == 0:
@@ -194,6 +197,7 @@ def _build_streaming(
     scratch = storage.scratch_dir(out)
     try:
         # 1. token steps, block by block, into a scratch file (what the codec is fitted on)
+        phases.append(("tokens", time.monotonic()))
         emb = storage.NpyAppender(scratch / "tokens.npy", np.float32, (docs.dim,))
         offs = storage.NpyAppender(scratch / "tokens_offsets.npy", np.int64)
         offs.append(np.zeros(1, np.int64))
@@ -225,11 +229,15 @@ def _build_streaming(
         tdocs = MultiVectors(np.load(scratch / "tokens.npy", mmap_mode="r"),
                              np.load(scratch / "tokens_offsets.npy"))
         # 2. the codec fit: the same call, on the same vectors, as the in-memory build
+        trim_heap()
+        phases.append(("fit", time.monotonic()))
         index.fit(tdocs)
         release_pages(tdocs.embeddings)
         pipe.finish(encoder_settings)
         index.info["streamed"] = {"max_memory_mb": max_memory_mb, "blocks": len(blocks)}
         # 3. codes, block by block, straight to the new generation's files
+        trim_heap()
+        phases.append(("codes", time.monotonic()))
         tblocks = _blocks(tdocs, block_tokens)
 
         def batches() -> Iterator[tuple]:
@@ -242,6 +250,17 @@ def _build_streaming(
         return gen, {"blocks": len(blocks), "block_tokens": block_tokens, "tokens_after_steps": n_tok}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def trim_heap() -> None:
+    """Give the C heap's freed pages back to the system (glibc ``malloc_trim``), so memory
+    freed by one phase of a streamed build does not stay in the resident set. No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _in_memory(block: MultiVectors) -> MultiVectors:
