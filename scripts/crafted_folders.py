@@ -435,14 +435,15 @@ def run_cases(workdir: Path, cases: list[dict], seed: int, env: dict, timeout: f
     results: list[dict] = []
     todo = list(cases)
     while todo:
+        # the cases go through a file: written to a pipe while the worker's answers fill the
+        # other pipe unread, they would deadlock both processes
+        case_file = workdir / "cases.jsonl"
+        case_file.write_text("".join(json.dumps(c) + "\n" for c in todo))
         p = subprocess.Popen([sys.executable, __file__, "--worker", str(workdir), "--seed", str(seed)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=open(case_file), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, env=env)
         current = None
         try:
-            for case in todo:
-                p.stdin.write(json.dumps(case) + "\n")
-            p.stdin.close()
             deadline = time.monotonic() + timeout * len(todo)
             while True:
                 line = p.stdout.readline()
@@ -462,8 +463,7 @@ def run_cases(workdir: Path, cases: list[dict], seed: int, env: dict, timeout: f
             rc = p.wait()
         done = {r["id"] for r in results}
         if current is not None and current not in done:
-            err = p.stderr.read()[-300:] if p.stderr else ""
-            results.append({"id": current, "outcome": "crash", "error": f"worker exit {rc}: {err}"})
+            results.append({"id": current, "outcome": "crash", "error": f"worker exit {rc}"})
             done.add(current)
         todo = [c for c in todo if c["id"] not in done]
         if todo and current is None:  # died between cases, or no progress: stop

@@ -553,6 +553,9 @@ def main() -> int:
             rep["crafted"] = crafted_phase(args.crafted_per_kind, progress)
         if "kills" in args.phases:
             if args.kills_json:
+                deadline = time.time() + 7200  # a crash_test.py run in parallel may still be going
+                while not Path(args.kills_json).exists() and time.time() < deadline:
+                    time.sleep(10)
                 full = json.loads(Path(args.kills_json).read_text())
                 rep["kills"] = {k: v for k, v in full["crash"].items() if k != "events"} | {
                     "from": args.kills_json, "violations_total": full["violations"]}
