@@ -76,7 +76,10 @@ class MultiVectors:
         if emb.shape[1] == 0:
             raise ValueError("embeddings have dim=0; vectors need at least one dimension")
         if not isinstance(off, np.ndarray) or off.ndim != 1 or off.shape[0] < 1:
-            raise ValueError(f"offsets must be a 1-D array of n_docs + 1 entries, got {off!r}")
+            shape = getattr(off, "shape", None)
+            raise ValueError(
+                f"offsets must be a 1-D array of n_docs + 1 entries, got {type(off).__name__} of shape {shape}"
+            )
         if off.dtype != np.int64:
             raise TypeError(f"offsets dtype is {off.dtype}, expected int64")
         if off[0] != 0 or off[-1] != emb.shape[0]:

@@ -347,6 +347,7 @@ def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
             UnicodeDecodeError, RecursionError) as exc:
         # a field the schema let through but the index could not use: still a named error
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        msg = " ".join(str(msg).split())[:500]  # one line, whatever the message held
         raise storage.IndexCorruptedError(
             f"{where}: the saved {meta['type']} index is inconsistent ({type(exc).__name__}: {msg})"
         ) from None

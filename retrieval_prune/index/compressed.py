@@ -293,7 +293,12 @@ class CompressedIndex(MultiVectorIndex):
 
     def _load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.chain.load_state(arrays)
-        self._offsets = np.array(arrays["offsets"], dtype=np.int64)
+        off = np.asarray(arrays["offsets"])
+        if off.ndim != 1 or off.dtype != np.int64 or off.shape[0] < 1:
+            raise storage.IndexCorruptedError(
+                f"offsets.npy is {off.dtype}{list(off.shape)}; expected a 1-D int64 array of n_docs + 1"
+            )
+        self._offsets = np.array(off, dtype=np.int64)
         self._parts = {}
         for name, dtype, tail in self.storage_codec.part_layout():
             key = f"codes.{name}"

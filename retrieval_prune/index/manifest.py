@@ -104,7 +104,7 @@ def check_manifest(manifest: Any, format_name: str, format_version: int) -> None
             if not name.endswith(".npy"):
                 raise ManifestError(f"{where}: an npy entry's name must end in .npy")
             dtype = entry.get("dtype")
-            if dtype not in ALLOWED_DTYPES:
+            if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise ManifestError(
                     f"{where}.dtype {str(dtype)[:40]!r} is not one of {sorted(ALLOWED_DTYPES)}"
                 )
