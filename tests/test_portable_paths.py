@@ -32,3 +32,26 @@ def test_kernel_tests_pass_with_vnni_disabled():
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+#: a baseline x86-64 target: SSE2 only (4 float lanes, no FMA), whatever the host has
+NARROW = {"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2,-avx,-avx2,-fma,-avx512f",
+          "RETRIEVAL_PRUNE_NUMBA_CACHE": "0"}  # compiled fresh: no host code from the cache
+
+
+def test_kernel_tests_pass_with_narrower_lanes():
+    """The kernels compiled for 4-lane SSE2 without FMA (another summation order than this
+    host's AVX2 or AVX-512) still meet the operand-derived tolerances of the kernel tests."""
+    env = {**os.environ, **NARROW}
+    probe = subprocess.run(
+        [sys.executable, "-c", "from numba.core import config; from retrieval_prune.kernels.simd "
+         "import HAS_VNNI; print(config.CPU_NAME, HAS_VNNI)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.stdout.split() == ["x86-64", "False"], probe.stdout + probe.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *KERNEL_TESTS],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
