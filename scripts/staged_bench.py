@@ -138,7 +138,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from retrieval_prune.encode import Encoder
-    from retrieval_prune.evaluation.runner import _cache_root, load_context
+    from retrieval_prune.encode.cache import cache_root
+    from retrieval_prune.evaluation.runner import load_context
 
     cache: list = []
 
@@ -148,7 +149,7 @@ def main() -> int:
         return cache[0]
 
     rows = []
-    workdir = Path(tempfile.mkdtemp(prefix="rp-staged-", dir=_cache_root()))
+    workdir = Path(tempfile.mkdtemp(prefix="rp-staged-", dir=cache_root()))
     try:
         for name in args.data:
             ctx = load_context(name, encoder)

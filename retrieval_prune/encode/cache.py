@@ -34,7 +34,7 @@ from retrieval_prune.atomic import atomic_write_text
 from retrieval_prune.npyio import NpyAppender
 from retrieval_prune.types import MultiVectors
 
-__all__ = ["EmbeddingCache", "cache_key", "texts_digest", "CACHE_ENV", "DEFAULT_CACHE_ROOT"]
+__all__ = ["EmbeddingCache", "cache_key", "cache_root", "texts_digest", "CACHE_ENV", "DEFAULT_CACHE_ROOT"]
 
 CACHE_ENV = "RETRIEVAL_PRUNE_CACHE"
 DEFAULT_CACHE_ROOT = ".cache/embeddings"
@@ -48,6 +48,12 @@ class _EncoderLike(Protocol):
     def encode_documents(self, texts: list[str], **kw: Any) -> MultiVectors: ...
 
     def encode_queries(self, texts: list[str], **kw: Any) -> MultiVectors: ...
+
+
+def cache_root() -> Path:
+    """Root of the project's on-disk caches: ``$RETRIEVAL_PRUNE_CACHE`` or ``.cache``
+    (embeddings under ``embeddings/``, exact runs, training negatives)."""
+    return Path(os.environ.get(CACHE_ENV, ".cache")).resolve()
 
 
 def texts_digest(ids: Sequence[str], texts: Sequence[str]) -> str:

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from retrieval_prune.atomic import atomic_write_json
 from retrieval_prune.data import load_beir
+from retrieval_prune.encode.cache import cache_root
 from retrieval_prune.evaluation.metrics import evaluate
 from retrieval_prune.index.storage import current_generation
 from retrieval_prune.pipeline import Pipeline, make_pipeline
-from retrieval_prune.pipeline.build import build, cache_root
+from retrieval_prune.pipeline.build import build
 from retrieval_prune.types import Corpus, MultiVectors
 
 __all__ = ["evaluate_grid", "evaluate_pipeline", "index_bytes", "peak_rss_reset", "peak_rss_mb"]
@@ -134,7 +135,6 @@ def index_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
 
 
-_cache_root = cache_root  # one definition of the cache root: the build path's
 
 
 class DatasetContext:
@@ -159,7 +159,7 @@ class DatasetContext:
                     ) -> DatasetContext:
         from retrieval_prune.encode.cache import EmbeddingCache
 
-        cache = EmbeddingCache(_cache_root() / "embeddings")
+        cache = EmbeddingCache(cache_root() / "embeddings")
         docs = cache.get_or_encode(encoder, corpus.name, corpus.doc_ids, corpus.doc_texts,
                                    kind="docs", with_importance=with_importance)
         qids, qtexts = corpus.judged_queries()
@@ -183,7 +183,7 @@ class DatasetContext:
                         float(np.asarray(self.docs.embeddings[:64]).sum()),
                         self.queries.n_tokens, self.qids], sort_keys=True, default=str).encode()
         ).hexdigest()[:24]
-        path = _cache_root() / "exact_runs" / f"{key}.json"
+        path = cache_root() / "exact_runs" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         from retrieval_prune.index.flat import FlatIndex
@@ -254,7 +254,7 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
 
     tmpdir = None
     if index_dir is None:
-        tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=_cache_root())
+        tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=cache_root())
         index_dir = Path(tmpdir) / "index"
     peak_rss_reset()
     built = build(spec, ctx.doc_ids, docs=ctx.docs, encoder_settings=ctx.encoder_settings,

@@ -16,7 +16,6 @@ runner, ``bench plaid`` and the scripts all build through here.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_prune.encode.cache import cache_root
 from retrieval_prune.index import storage
 from retrieval_prune.index.base import MultiVectorIndex
 from retrieval_prune.index.compressed import CompressedIndex
@@ -42,11 +42,6 @@ MIN_MEMORY_MB = 64
 #: share of the cap one block of vectors may take (the rest: copies made by token steps,
 #: codes, the codec's working arrays)
 _BLOCK_SHARE = 0.125
-
-
-def cache_root() -> Path:
-    """Root of the on-disk caches (``$RETRIEVAL_PRUNE_CACHE`` or ``.cache``)."""
-    return Path(os.environ.get("RETRIEVAL_PRUNE_CACHE", ".cache")).resolve()
 
 
 @dataclass

@@ -237,8 +237,6 @@ class Retriever:
         self._save_lock = threading.Lock()
         self._version = 0  # bumped by every mutation
         self._saved: tuple[Path, int] | None = (self.path, 0) if self.path is not None else None
-        #: ``(generation, manifest sha256)`` of ``path`` that memory equals (None: unknown)
-        self._disk: tuple[str, str] | None = index.loaded_pointer if self.path is not None else None
         self._txn_lock = threading.RLock()
 
     # -- construction ---------------------------------------------------------------------
@@ -453,22 +451,23 @@ class Retriever:
         if target is None:
             raise ValueError("this retriever has no index folder; call save(path)")
         with self._save_lock, storage.write_lock(target, lock_timeout), self._lock.read():
-            on_disk = self._pointer(target)
-            if target == self.path and self._disk is not None and on_disk not in (None, self._disk):
-                raise storage.IndexChangedError(
-                    f"{target} changed on disk since this retriever read it ({self._disk[0]} -> "
-                    f"{on_disk[0]}): another writer committed; make changes inside "
-                    "`with retriever.transaction():`, which merges them"
-                )
+            on_disk = self._pointer(target)  # a stale copy is refused by index.save itself
             if self._saved == (target, self._version) and on_disk is not None:
                 return storage.current_generation(target)
             gen = self.index.save(target)
             self._saved = (target, self._version)
             if self.path is None:
                 self.path = target
-            if target == self.path:
-                self._disk = self._pointer(target)
             return gen
+
+    @property
+    def _disk(self) -> tuple[str, str] | None:
+        """``(generation, manifest sha256)`` of :attr:`path` that memory equals: the
+        index's own record of what it was loaded from or last saved to (None: unknown)."""
+        idx = self.index
+        if self.path is None or idx.loaded_from != Path(self.path).resolve():
+            return None
+        return idx.loaded_pointer
 
     @staticmethod
     def _pointer(path: Path) -> tuple[str, str] | None:
@@ -553,7 +552,6 @@ class Retriever:
             self._metadata = index.info.setdefault(METADATA_KEY, {})
             self._version += 1
             self._saved = (self.path, self._version)
-            self._disk = index.loaded_pointer
 
     # -- description ----------------------------------------------------------------------
     def __len__(self) -> int:

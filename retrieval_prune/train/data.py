@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from retrieval_prune.atomic import atomic_write_json
+from retrieval_prune.encode.cache import cache_root
 from retrieval_prune.types import Corpus
 
 __all__ = [
@@ -100,10 +100,6 @@ class TrainPairs:
             else 0.0,
             **self.info,
         }
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("RETRIEVAL_PRUNE_CACHE", ".cache")).resolve()
 
 
 def _resolve_split(name: str, folder: Path, split: str | None, allow_eval_split: bool) -> str:
@@ -253,7 +249,7 @@ def mine_maxsim_negatives(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:24]
-    path = _cache_root() / "train" / f"negatives-{key}.json"
+    path = cache_root() / "train" / f"negatives-{key}.json"
     if path.is_file():
         ranked = json.loads(path.read_text(encoding="utf-8"))
     else:
@@ -261,7 +257,7 @@ def mine_maxsim_negatives(
         from retrieval_prune.kernels.ops import maxsim_search
 
         enc = Encoder.load(None)  # zero-shot: same settings as `eval` without --checkpoint
-        cache = EmbeddingCache(_cache_root() / "embeddings")
+        cache = EmbeddingCache(cache_root() / "embeddings")
         docs = cache.get_or_encode(enc, corpus.name, corpus.doc_ids, corpus.doc_texts, kind="docs")
         queries = enc.encode_queries(qtexts, progress=progress)
         k = min(depth + max(len(p) for p in positives), len(corpus.doc_ids))
