@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def profile_one(index, cache, q, k, alive, mark, stamp, buf):
     """Per-stage seconds of one query (mirrors ``StagedIndex._search_one``)."""
-    from retrieval_prune.index.staged import _select
+    from retrieval_prune.index.staged import _select_idx
     from retrieval_prune.kernels import ivf as _ivf_k
     from retrieval_prune.kernels.ops import _pack
 
@@ -53,11 +53,11 @@ def profile_one(index, cache, q, k, alive, mark, stamp, buf):
         if index.t_cs is not None:
             keep = (table[:, : qt.shape[0]].max(axis=1) >= index.t_cs).astype(np.uint8)
         s = index._interaction(cache, table, qt.shape[0], cand, keep)
-        cand = _select(cand, s, n_keep)
+        cand = cand[_select_idx(s, n_keep)]
         t4 = time.perf_counter()
         t["approx_u8"] = t4 - t3
         if cand.size > n_final:
-            cand = _select(cand, index._interaction_f32(cache, table, cand), n_final)
+            cand = cand[_select_idx(index._interaction_f32(cache, table, cand), n_final)]
         t3 = time.perf_counter()
         t["approx_f32"] = t3 - t4
     final = index._rerank(cache, table, qt, cand, qp)

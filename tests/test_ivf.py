@@ -8,7 +8,7 @@ from retrieval_prune import registry
 from retrieval_prune.index.base import load_index
 from retrieval_prune.index.hnsw import HNSWIndex
 from retrieval_prune.index.ivf import IVFIndex, sign_words
-from retrieval_prune.index.staged import _select
+from retrieval_prune.index.staged import _select_idx
 from retrieval_prune.kernels import ivf as K
 from retrieval_prune.pipeline import ALIASES, make_pipeline
 from retrieval_prune.types import MultiVectors
@@ -98,8 +98,8 @@ def test_gather_skips_dead_and_repeats():
 def test_select_breaks_ties_by_position():
     cand = np.array([3, 5, 8, 9, 12])
     s = np.array([1.0, 2.0, 2.0, 2.0, 0.5], np.float32)
-    assert _select(cand, s, 2).tolist() == [5, 8]
-    assert _select(cand, s, 9).tolist() == cand.tolist()
+    assert cand[_select_idx(s, 2)].tolist() == [5, 8]
+    assert cand[_select_idx(s, 9)].tolist() == cand.tolist()
 
 
 # -- staged search == brute force at exhaustive budgets ---------------------------------------------

@@ -313,8 +313,11 @@ def index_types() -> dict[str, type[MultiVectorIndex]]:
     makes from codec steps alone, which no spec names and so is not registered."""
     from retrieval_prune import registry
     from retrieval_prune.index.compressed import CompressedIndex
+    from retrieval_prune.index.sharded import ShardedIndex
 
-    found: dict[str, type[MultiVectorIndex]] = {CompressedIndex.index_type: CompressedIndex}
+    found: dict[str, type[MultiVectorIndex]] = {
+        CompressedIndex.index_type: CompressedIndex, ShardedIndex.index_type: ShardedIndex,
+    }
     for cls in registry.available("index").values():
         itype = getattr(cls, "index_type", "")
         if itype and isinstance(cls, type) and issubclass(cls, MultiVectorIndex):
@@ -322,25 +325,34 @@ def index_types() -> dict[str, type[MultiVectorIndex]]:
     return found
 
 
-def load_index(path: str | Path, *, verify: bool = True) -> MultiVectorIndex:
+def load_index(
+    path: str | Path, *, verify: bool = True, pointer: tuple[str, str] | None = None
+) -> MultiVectorIndex:
     """Open any saved index by the type its manifest declares (checksums verified).
 
     The folder is treated as untrusted input: the manifest is checked against its schema
     and every array against the others (shapes, ranges, offsets) before a kernel sees it;
     anything wrong raises :class:`~retrieval_prune.index.storage.IndexCorruptedError`.
-    The loaded index remembers which generation it came from (``loaded_pointer``).
+    The loaded index remembers which generation it came from (``loaded_pointer``);
+    ``pointer=(generation, manifest sha256)`` opens that generation instead of the live one.
+    A sharded index folder opens as a :class:`~retrieval_prune.index.sharded.ShardedIndex`.
     """
     from retrieval_prune.index.manifest import ManifestError, check_index_meta
 
     types = index_types()
-    meta, arrays, gen = storage.read_generation(path, verify=verify)
+    meta, arrays, gen = storage.read_generation(path, verify=verify, pointer=pointer)
     where = gen / "manifest.json"
     try:
         check_index_meta(meta, set(types))
     except ManifestError as exc:
         raise storage.IndexCorruptedError(f"{where}: {exc}") from None
     try:
-        index = types[meta["type"]]._from_saved(meta, arrays)
+        if meta["type"] == "sharded":
+            from retrieval_prune.index.sharded import ShardedIndex
+
+            index = ShardedIndex._from_folder(Path(path), meta, verify=verify)
+        else:
+            index = types[meta["type"]]._from_saved(meta, arrays)
     except storage.IndexCorruptedError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,

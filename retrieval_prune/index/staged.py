@@ -378,29 +378,105 @@ class StagedIndex(CompressedIndex):
 
         ``table``: the lane-padded score table (:meth:`_score_table`); ``q``: the query's
         ``(n_q, dim)`` tokens; ``qp``: the same packed."""
-        # 2. candidates
+        cand = self._candidates(cache, table, q, alive, mark, stamp, buf)
+        if cand.size == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        n_keep, n_final = self._stage_sizes(k)
+        if cand.size > n_final:  # 3. approximate scoring on codes
+            idx = _select_idx(self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q)), n_keep)
+            cand = cand[idx]
+            if cand.size > n_final:  # full interaction, float32 table, on the survivors
+                cand = cand[_select_idx(self._interaction_f32(cache, table, cand), n_final)]
+        # 4. rerank
+        return final_order(self._rerank(cache, table, q, cand, qp), cand, k)
+
+    def _candidates(self, cache, table, q, alive, mark, stamp, buf) -> np.ndarray:
+        """Stage 2: sorted positions of the live documents holding a probed centroid."""
         probe = np.ascontiguousarray(self._probe(cache, table, q), dtype=np.int64)
         n = _ivf_k.gather_kernel(probe, cache["list_off"], cache["list_docs"], alive, mark, stamp, buf)
-        if n == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        cand = np.sort(buf[:n]).astype(np.int64)
-        # 3. approximate scoring on codes
+        return np.sort(buf[:n]).astype(np.int64)
+
+    def _stage_sizes(self, k: int) -> tuple[int, int]:
+        """``(n_keep, n_final)``: documents kept by the uint8 approximate scoring, and re-scored
+        exactly (at least ``k`` each)."""
         n_cand, n_rerank = self.budgets(k)
-        n_keep = max(n_cand, n_rerank, k)
-        n_final = max(n_rerank, k)
-        if cand.size > n_final:
-            keep = None
-            if self.t_cs is not None:
-                keep = (table[:, : q.shape[0]].max(axis=1) >= self.t_cs).astype(np.uint8)
-            cand = _select(cand, self._interaction(cache, table, q.shape[0], cand, keep), n_keep)
-            if cand.size > n_final:  # full interaction, float32 table, on the survivors
-                cand = _select(cand, self._interaction_f32(cache, table, cand), n_final)
-        # 4. rerank
-        final = self._rerank(cache, table, q, cand, qp)
-        order = np.lexsort((cand, -final))[:k]
-        out_s, out_i = final[order], cand[order]
-        ok = np.isfinite(out_s) & (out_s > -3.0e38)
-        return out_s[ok], out_i[ok]
+        return max(n_cand, n_rerank, k), max(n_rerank, k)
+
+    def _tcs_keep(self, table: np.ndarray, q: np.ndarray) -> np.ndarray | None:
+        """Rows of the score table kept by the pruned interaction (``t_cs``), None: all."""
+        if self.t_cs is None:
+            return None
+        return (table[:, : q.shape[0]].max(axis=1) >= self.t_cs).astype(np.uint8)
+
+    # -- one shard of a sharded index: the staged search in two exchanges ---------------------
+    def shard_phase1(self, queries: MultiVectors, k: int) -> tuple[list[tuple], list[tuple]]:
+        """First exchange of an exact search over shards that share this index's codebook.
+
+        Every stage score of a document depends on the query, the codebook and that
+        document alone; only the stages' top-``n`` cuts see the other documents. So each
+        shard sends, per query, its candidate count and its own best ``n_keep`` candidates by
+        the approximate (uint8) score -- a superset of its share of the global best -- and
+        the coordinator cuts globally (:func:`retrieval_prune.index.sharded.merge_staged`).
+        ``k`` is the *global* depth (budgets follow it, not this shard's size).
+
+        Returns ``(state, answers)``: ``state`` stays with the shard for
+        :meth:`shard_phase2`; an answer is ``("empty", scores, positions)`` for a query with no
+        vectors (scored 0 against every non-empty document) or ``("cand", count, positions,
+        scores)``.
+        """
+        from retrieval_prune.kernels.ops import _pack
+
+        cache = self._prepare()
+        q_all = np.ascontiguousarray(self.chain.transform(queries.embeddings), dtype=np.float32)
+        q_off = queries.offsets
+        qp, qv_off, _ = _pack(q_all, q_off)
+        vsize = q_all.shape[1] * _LANES_F32
+        alive = np.ascontiguousarray(self.alive, dtype=np.uint8)
+        mark = np.zeros(self.n_positions, np.int32)
+        buf = np.empty(max(self.n_positions, 1), np.int32)
+        n_keep, _ = self._stage_sizes(k)
+        state, answers = [], []
+        with _blas_single_thread():
+            for i in range(len(queries)):
+                a, b = int(q_off[i]), int(q_off[i + 1])
+                if b == a:
+                    live = cache["nonempty"][alive[cache["nonempty"]] != 0][:k].astype(np.int64)
+                    answers.append(("empty", np.zeros(live.size, np.float32), live))
+                    state.append(None)
+                    continue
+                qpi = qp[int(qv_off[i]) * vsize : int(qv_off[i + 1]) * vsize]
+                table = self._score_table(cache, qpi)
+                q = q_all[a:b]
+                cand = self._candidates(cache, table, q, alive, mark, i + 1, buf)
+                s = self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q)) \
+                    if cand.size else np.zeros(0, np.float32)
+                idx = _select_idx(s, n_keep)
+                answers.append(("cand", int(cand.size), cand[idx], s[idx]))
+                state.append((table, q, qpi))
+        return state, answers
+
+    def shard_phase2(self, state: list[tuple], orders: list[tuple | None], n_final: int) -> list[tuple | None]:
+        """Second exchange: per query, ``(positions, use_f32)`` from the coordinator (its
+        global survivors of the approximate cut that live here). With ``use_f32`` the shard
+        scores them with the float32 interaction and reranks its own best ``n_final`` of them
+        (a superset of its share of the global best); else it reranks them all. Answers
+        ``(f32 scores or None, reranked positions, final scores)`` (None where no order)."""
+        cache = self._prepare()
+        out: list[tuple | None] = []
+        with _blas_single_thread():
+            for st, order in zip(state, orders, strict=True):
+                if order is None or st is None:
+                    out.append(None)
+                    continue
+                table, q, qpi = st
+                cand, use_f32 = np.asarray(order[0], np.int64), bool(order[1])
+                f32 = None
+                kept = cand
+                if use_f32 and cand.size:
+                    f32 = self._interaction_f32(cache, table, cand)
+                    kept = cand[_select_idx(f32, n_final)]
+                out.append((f32, kept, self._rerank(cache, table, q, kept, qpi)))
+        return out
 
     def budgets(self, k: int) -> tuple[int, int]:
         """``(n_candidates, n_rerank)`` for a search of depth ``k``: the set values, or
@@ -563,15 +639,24 @@ def _blas_single_thread():
     return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
-def _select(cand: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` best candidates by score (ties: lower position), returned in id order."""
-    if cand.size <= n:
-        return cand
+def _select_idx(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` best ``scores`` (ties: lower index), in increasing order."""
+    if scores.size <= n:
+        return np.arange(scores.size)
     part = np.argpartition(-scores, n - 1)[:n]
     v = scores[part].min()
     gt = np.flatnonzero(scores > v)
     eq = np.flatnonzero(scores == v)[: n - gt.size]
-    return cand[np.sort(np.concatenate([gt, eq]))]
+    return np.sort(np.concatenate([gt, eq]))
+
+
+def final_order(final: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of reranked ``cand`` (ties: lower position), dropping scores that are
+    not finite or are the kernels' "no score" sentinel."""
+    order = np.lexsort((cand, -final))[:k]
+    out_s, out_i = final[order], cand[order]
+    ok = np.isfinite(out_s) & (out_s > -3.0e38)
+    return out_s[ok], out_i[ok]
 
 
 # -- bounded-memory build ----------------------------------------------------------------------

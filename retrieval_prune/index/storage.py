@@ -56,6 +56,7 @@ __all__ = [
     "read_generation",
     "current_generation",
     "live_pointer",
+    "set_pointer",
     "write_lock",
     "lock_holder",
     "sha256_file",
@@ -168,6 +169,31 @@ def live_pointer(root: str | Path, *, verify_signature: bool = True) -> tuple[st
     if not root.exists():
         raise FileNotFoundError(f"no index at {root}; build one with `retrieval-prune build`")
     return _read_pointer(root, verify_signature)
+
+
+def set_pointer(root: str | Path, name: str, sha: str) -> None:
+    """Point ``root/CURRENT`` at generation ``name`` (manifest sha256 ``sha``) atomically,
+    signed when ``RETRIEVAL_PRUNE_INDEX_KEY`` is set. For a writer that must roll a folder
+    back to a generation it still holds (a sharded index's shard whose commit the top-level
+    manifest never adopted); the caller holds :func:`write_lock`. The generation's manifest
+    must exist and match ``sha``."""
+    root = Path(root)
+    if not _GEN_RE.match(name) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ValueError(f"{name!r}, {sha!r} is not a generation name and manifest sha256")
+    _read_manifest(root / name, sha)  # refuse to point at anything but that manifest
+    key = _signing_key()
+    sig = f"hmac-sha256:{_signature(key, name, sha)}\n" if key is not None else ""
+    tmp = root / f".CURRENT.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{name}\n{sha}\n{sig}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "CURRENT")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(root)
 
 
 def current_generation(root: str | Path) -> Path:
@@ -483,7 +509,7 @@ def _read_manifest(gen: Path, sha: str) -> dict[str, Any]:
 
 
 def read_generation(
-    root: str | Path, *, verify: bool = True, mmap: bool = True
+    root: str | Path, *, verify: bool = True, mmap: bool = True, pointer: tuple[str, str] | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
     """Open the live generation: ``(meta, arrays, generation_folder)``.
 
@@ -493,9 +519,17 @@ def read_generation(
     (``verify=False`` checks sizes only); ``.npy`` headers must match the manifest's dtype
     and shape; ``.npy`` files open with ``mmap_mode="r"`` and ``allow_pickle=False``.
     Native files are returned as paths in ``meta["_native_files"]`` after verification.
+    ``pointer=(generation, manifest sha256)`` opens that generation instead of the live one
+    (a sharded index pins each shard's generation in its own manifest).
     """
     root = Path(root)
-    name, sha = live_pointer(root)  # read once: a writer may swap CURRENT meanwhile
+    if pointer is None:
+        name, sha = live_pointer(root)  # read once: a writer may swap CURRENT meanwhile
+    else:
+        name, sha = pointer
+        if not isinstance(name, str) or not _GEN_RE.match(name) or not isinstance(sha, str) \
+                or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise IndexCorruptedError(f"{root}: {str(pointer)[:120]} is not a generation name and sha256")
     gen = root / name
     if gen.is_symlink():
         raise IndexCorruptedError(f"{gen} is a symbolic link; a generation must be a folder inside {root}")
