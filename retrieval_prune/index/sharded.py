@@ -421,6 +421,9 @@ class ShardedIndex(MultiVectorIndex):
                 self.refs[j] = s.loaded_pointer
         gen = storage.write_generation(target, {}, self._meta())
         self.dirty = [False] * len(self.shards)
+        update = getattr(self.runner, "update", None)
+        if update is not None:  # remote shards reopen the generations just committed
+            update(self)
         return gen
 
     @classmethod

@@ -249,20 +249,30 @@ class Retriever:
         checkpoint: str | Path | None = None,
         verify: bool = True,
         auto_compact: float | None = 0.5,
+        address: str | None = None,
+        allow_partial: bool = False,
     ) -> Retriever:
         """Open a saved index with the encoder its manifest records and its token steps.
 
         ``checkpoint`` is needed only for an index built with a trained checkpoint folder;
         ``encoder`` skips the lookup (it is still checked against the recorded settings).
+        A sharded index (``build --shards N``) opens with all shards in this process, or
+        with ``address`` on Ray, one actor per shard (``"local"``: start a local cluster;
+        ``"auto"``: the running one; or a cluster address). ``allow_partial``: answer from
+        the shards that respond when one stays down (the index's ``missing_shards`` names
+        the absent ones) instead of failing.
         """
         index = load_index(path, verify=verify)
+        _open_shards(index, path, address, allow_partial)
         if encoder is None:
             if not index.encoder_settings:
                 raise ValueError(
                     f"{path} records no encoder settings (built from vectors); pass encoder="
                 )
             encoder = load_encoder(index.encoder_settings, checkpoint)
-        return cls(index, encoder, Pipeline.for_index(index), path=path, auto_compact=auto_compact)
+        r = cls(index, encoder, Pipeline.for_index(index), path=path, auto_compact=auto_compact)
+        r._shard_options = (address, allow_partial)
+        return r
 
     @classmethod
     def from_texts(
@@ -538,6 +548,7 @@ class Retriever:
     def _reload(self) -> None:
         """Replace the in-memory index with the live generation of :attr:`path`."""
         index = load_index(self.path)
+        _open_shards(index, self.path, *getattr(self, "_shard_options", (None, False)))
         if index.encoder_settings:
             diff = settings_diff(index.encoder_settings, dict(self.encoder.settings))
             if diff:
@@ -547,11 +558,14 @@ class Retriever:
                 )
         pipeline = Pipeline.for_index(index)
         with self._lock.write():
-            self.index = index
+            old, self.index = self.index, index
             self.pipeline = pipeline
             self._metadata = index.info.setdefault(METADATA_KEY, {})
             self._version += 1
             self._saved = (self.path, self._version)
+        close = getattr(getattr(old, "runner", None), "close", None)
+        if close is not None and old is not index:
+            close()  # remote shard actors of the replaced generation
 
     # -- description ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -592,6 +606,21 @@ class Retriever:
             f"Retriever({len(self.index)} docs, pipeline={self.index.pipeline_spec!r}, "
             f"encoder={self.encoder!r})"
         )
+
+
+def _open_shards(index: MultiVectorIndex, path: str | Path, address: str | None, allow_partial: bool) -> None:
+    """Search a sharded index on Ray when ``address`` is given; set its partial-answer policy."""
+    from retrieval_prune.index.sharded import ShardedIndex
+
+    if not isinstance(index, ShardedIndex):
+        if address is not None:
+            raise ValueError(f"{path} is not a sharded index; address= (Ray) needs one built with --shards N")
+        return
+    index.allow_partial = bool(allow_partial)
+    if address is not None:
+        from retrieval_prune.retrieve.ray_shards import attach_ray
+
+        attach_ray(index, path, address=address)
 
 
 def _maybe_int(x: Any) -> int | None:
