@@ -82,6 +82,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     # A corpus alone is enough to index: queries.jsonl and qrels/ are optional here.
     corpus = load_beir(args.data, split=args.split, max_docs=args.max_docs,
                        require_judgements=False)
+    if args.shards is not None or args.executor != "local":
+        return _build_sharded(args, pipe, corpus)
     encoder = Encoder.load(args.checkpoint)
     rss_encoder = current_rss_mb()  # interpreter, libraries and the encoder's weights
     peak_rss_reset()
@@ -104,10 +106,48 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_sharded(args: argparse.Namespace, pipe, corpus) -> int:
+    """``build --shards N [--executor local|ray] [--address ADDR]``: a sharded index."""
+    import functools
+
+    from retrieval_prune.encode import Encoder
+    from retrieval_prune.evaluation.runner import index_bytes
+    from retrieval_prune.pipeline.executors import get_executor
+    from retrieval_prune.pipeline.sharded import build_sharded
+
+    if args.max_memory_mb is not None:
+        raise ValueError("--max-memory-mb streams a single index; a sharded build is already "
+                         "block by block (drop one of the two)")
+    shards = args.shards or 1
+    kw = {"address": args.address, "workers": args.workers} if args.executor == "ray" else {}
+    if args.executor != "ray" and (args.address or args.workers):
+        raise ValueError("--address and --workers are for --executor ray")
+    try:
+        ex = get_executor(args.executor, **kw)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    factory = functools.partial(Encoder.load, args.checkpoint)
+    try:
+        res = build_sharded(pipe, corpus.doc_ids, texts=corpus.doc_texts, encoder_factory=factory,
+                            shards=shards, out=args.out, executor=ex, block_docs=args.block_docs,
+                            info={"dataset": corpus.name}, progress=not args.quiet)
+    finally:
+        ex.close()
+    n = len(corpus.doc_ids)
+    st = res.stats
+    how = "resumed: already complete" if st.get("resumed") else (
+        f"encode {st['encode_seconds']:.1f} s ({st['blocks_reused']} of {st['blocks']} blocks reused), "
+        f"fit {st['fit_seconds']:.1f} s, shards {st['shards_seconds']:.1f} s")
+    print(f"built {args.out}: {n} documents in {shards} shards ({args.executor} executor), pipeline "
+          f"{res.pipeline.spec!r}, {index_bytes(args.out) / n:,.0f} bytes/doc, {res.seconds:.1f} s; {how}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval_prune.retrieve import Retriever
 
-    retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint)
+    retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint,
+                                     address=getattr(args, "address", None))
     hits = retriever.retrieve_batch(list(args.query), k=args.k)
     if args.json:
         out = [[{"id": h.id, "score": h.score} for h in row] for row in hits]
@@ -355,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-memory-mb", type=float, default=None, metavar="N",
                    help="stream the build: encode, prune and code the corpus a block at a time so "
                         "that memory stays near N MiB besides the encoder (needs a codec)")
+    b.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="write a sharded index of N shards sharing one codebook (searched exactly, "
+                        "as one index); an interrupted build resumes when run again")
+    b.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where a sharded build's encode and shard tasks run (default local: this "
+                        "process; ray needs pip install -e '.[ray]')")
+    b.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to use (default: start a local one; 'auto': the running one)")
+    b.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray encoder actors (default: one per CPU of the cluster)")
+    b.add_argument("--block-docs", type=int, default=256, metavar="N",
+                   help="documents per encode block of a sharded build (default 256)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_build)
 
@@ -366,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='print [{"id": ..., "score": ...}]')
     s.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint folder, for an index built with a trained checkpoint")
+    s.add_argument("--address", default=None, metavar="ADDR",
+                   help="search a sharded index on Ray, one actor per shard ('local': start a "
+                        "local cluster; 'auto': the running one)")
     s.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="fine-tune the ColBERT-style encoder (optionally CRISP)",
@@ -442,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as exc:  # another writer held the index's lock past --lock-timeout
         print(f"retrieval-prune {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"retrieval-prune {args.command}: error: {msg}", file=sys.stderr)
         return 2

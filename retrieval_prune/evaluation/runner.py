@@ -29,7 +29,6 @@ from retrieval_prune.atomic import atomic_write_json
 from retrieval_prune.data import load_beir
 from retrieval_prune.encode.cache import cache_root
 from retrieval_prune.evaluation.metrics import evaluate
-from retrieval_prune.index.storage import current_generation
 from retrieval_prune.pipeline import Pipeline, make_pipeline
 from retrieval_prune.pipeline.build import build
 from retrieval_prune.types import Corpus, MultiVectors
@@ -130,9 +129,11 @@ def peak_rss_mb() -> float:
 
 
 def index_bytes(path: str | Path) -> int:
-    """Bytes of every file of an index's live generation (manifest included)."""
-    gen = current_generation(path)
-    return sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
+    """Bytes of every file of an index's live generation (manifest included; a sharded
+    index: its top-level manifest and every shard's pinned generation)."""
+    from retrieval_prune.index.sharded import live_generations
+
+    return sum(p.stat().st_size for gen in live_generations(path) for p in gen.iterdir() if p.is_file())
 
 
 

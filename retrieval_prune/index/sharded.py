@@ -52,7 +52,7 @@ from retrieval_prune.types import MultiVectors
 
 __all__ = [
     "ShardedIndex", "LocalShards", "ShardUnavailableError", "codebook_sha256", "shard_name",
-    "merge_staged", "SHARDED_VERSION", "MAX_SHARDS", "is_sharded",
+    "merge_staged", "SHARDED_VERSION", "MAX_SHARDS", "is_sharded", "live_generations",
 ]
 
 SHARDED_VERSION = 1
@@ -86,6 +86,17 @@ def codebook_sha256(index: MultiVectorIndex) -> str | None:
         h.update(f"\n{name}:{a.dtype.str}:{list(a.shape)}\n".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def live_generations(path: str | Path) -> list[Path]:
+    """Folders of an index's live generation: one for a single index; for a sharded one the
+    top-level generation and every shard generation it pins (what its bytes on disk are)."""
+    meta, _, gen = storage.read_generation(path, verify=False)
+    out = [gen]
+    if meta.get("type") == "sharded":
+        for e in (meta.get("sharded") or {}).get("shards") or []:
+            out.append(Path(path) / str(e.get("name")) / str(e.get("generation")))
+    return out
 
 
 def is_sharded(path: str | Path) -> bool:

@@ -594,9 +594,11 @@ class Retriever:
             }
         if self.path is not None and (self.path / "CURRENT").is_file():
             try:
-                gen = storage.current_generation(self.path)
-                out["generation"] = gen.name
-                out["disk_bytes"] = sum(p.stat().st_size for p in gen.iterdir() if p.is_file())
+                from retrieval_prune.index.sharded import live_generations
+
+                gens = live_generations(self.path)
+                out["generation"] = gens[0].name
+                out["disk_bytes"] = sum(p.stat().st_size for g in gens for p in g.iterdir() if p.is_file())
             except (OSError, ValueError):  # a concurrent save swapped generations
                 pass
         return out
