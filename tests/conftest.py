@@ -34,3 +34,14 @@ def data_dir():
     if not (DATA / "adi").is_dir():
         pytest.skip("../shared/data is not present")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster (2 CPUs) for the whole session; skipped without Ray."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
