@@ -472,8 +472,8 @@ class StagedIndex(CompressedIndex):
                 cand, use_f32 = np.asarray(order[0], np.int64), bool(order[1])
                 f32 = None
                 kept = cand
-                if use_f32 and cand.size:
-                    f32 = self._interaction_f32(cache, table, cand)
+                if use_f32:
+                    f32 = self._interaction_f32(cache, table, cand) if cand.size else np.zeros(0, np.float32)
                     kept = cand[_select_idx(f32, n_final)]
                 out.append((f32, kept, self._rerank(cache, table, q, kept, qpi)))
         return out
