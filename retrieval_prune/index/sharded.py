@@ -130,6 +130,9 @@ class LocalShards:
         finally:
             self._state = []
 
+    def subset(self, live: Sequence[int]) -> LocalShards:
+        return LocalShards([self.shards[j] for j in live])
+
     def topk(self, queries: MultiVectors, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for s in self.shards:
@@ -345,15 +348,14 @@ class ShardedIndex(MultiVectorIndex):
 
     # -- search ---------------------------------------------------------------------------------
     def _search(self, queries: MultiVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if any(self.dirty) and not isinstance(self.runner, LocalShards):
-            raise RuntimeError(
-                "this sharded index has unsaved changes its remote shards do not hold; save() first"
-            )
+        # remote shards hold the committed generations; unsaved changes live here only, so
+        # such a search runs over the in-memory shards (the same answer a save would give)
+        runner = self.runner if not any(self.dirty) else LocalShards(self.shards)
         last: ShardUnavailableError | None = None
         for _ in range(self.retries + 1):
             try:
                 self.missing_shards = ()
-                return self._search_once(queries, k, self.runner)
+                return self._search_once(queries, k, runner)
             except ShardUnavailableError as exc:
                 last = exc
         assert last is not None
@@ -365,7 +367,7 @@ class ShardedIndex(MultiVectorIndex):
                 last.shards,
             )
         live = [j for j in range(len(self.shards)) if j not in last.shards]
-        sub = self.runner.subset(live)
+        sub = runner.subset(live)
         self.missing_shards = tuple(last.shards)
         return self._search_once(queries, k, sub, shards=live)
 
