@@ -17,11 +17,16 @@ from retrieval_prune.index import storage
 __all__ = ["inspect_index", "format_inspect"]
 
 
-def inspect_index(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+def inspect_index(
+    path: str | Path, *, verify: bool = True, pointer: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """A description of the live generation: spec, sizes per file, vectors, documents,
-    format version, encoder and codebook drift (checksums verified unless ``verify=False``)."""
+    format version, encoder and codebook drift (checksums verified unless ``verify=False``).
+    A sharded index is described with its totals and one line per shard."""
     root = Path(path)
-    meta, arrays, gen = storage.read_generation(root, verify=verify)
+    meta, arrays, gen = storage.read_generation(root, verify=verify, pointer=pointer)
+    if meta.get("type") == "sharded":
+        return _inspect_sharded(root, meta, gen, verify)
     manifest = json.loads((gen / "manifest.json").read_text(encoding="utf-8"))
     files = {name: int(entry["size"]) for name, entry in manifest["files"].items()}
     files["manifest.json"] = (gen / "manifest.json").stat().st_size
@@ -69,6 +74,30 @@ def inspect_index(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     }
 
 
+def _inspect_sharded(root: Path, meta: dict[str, Any], gen: Path, verify: bool) -> dict[str, Any]:
+    entries = (meta.get("sharded") or {}).get("shards") or []
+    parts = [inspect_index(root / e["name"], verify=verify, pointer=(e["generation"], e["manifest_sha256"]))
+             for e in entries]
+    top = (gen / "manifest.json").stat().st_size
+    d = dict(parts[0]) if parts else {}
+    d.update(
+        path=str(root), generation=gen.name, type="sharded", spec=meta.get("spec"), pipeline=meta.get("pipeline"),
+        documents=sum(p["documents"] for p in parts), positions=sum(p["positions"] for p in parts),
+        tombstones=sum(p["tombstones"] for p in parts),
+        vectors=sum(p["vectors"] or 0 for p in parts) if parts and all(p["vectors"] is not None for p in parts) else None,
+        bytes=top + sum(p["bytes"] for p in parts),
+        files={"manifest.json": top},
+        codebook_sha256=(meta.get("sharded") or {}).get("codebook_sha256"),
+        shards=[{"name": e["name"], "generation": p["generation"], "documents": p["documents"],
+                 "tombstones": p["tombstones"], "vectors": p["vectors"], "bytes": p["bytes"]}
+                for e, p in zip(entries, parts, strict=True)],
+        drift=None, verified=verify,
+    )
+    d["vectors_per_doc"] = d["vectors"] / d["positions"] if d["vectors"] is not None and d["positions"] else None
+    d["bytes_per_doc"] = d["bytes"] / d["documents"] if d["documents"] else None
+    return d
+
+
 def format_inspect(d: dict[str, Any]) -> str:
     """Human-readable form of :func:`inspect_index`'s dict."""
 
@@ -100,6 +129,10 @@ def format_inspect(d: dict[str, Any]) -> str:
     ]
     width = max(len(n) for n in d["files"])
     lines += [f"  {n:<{width}}  {s:>14,}" for n, s in d["files"].items()]
+    if d.get("shards"):
+        lines.append(f"shards     {len(d['shards'])}, one codebook (sha256 {str(d.get('codebook_sha256'))[:16]}...)")
+        lines += [f"  {s['name']}  {s['generation']}  {num(s['documents']):>12} docs  "
+                  f"{num(s['tombstones'])} tombstones  {num(s['bytes']):>14} bytes" for s in d["shards"]]
     drift = d.get("drift")
     if drift:
         ratio = drift.get("ratio")

@@ -193,6 +193,7 @@ def build_sharded(
     encoder: Any = None,
     encoder_factory: Callable[[], Any] | None = None,
     executor: str | Executor | None = None,
+    encoder_settings: dict[str, Any] | None = None,
     block_docs: int = 256,
     store_texts: bool = True,
     info: dict[str, Any] | None = None,
@@ -201,7 +202,8 @@ def build_sharded(
     """Build ``pipeline`` over a corpus into a sharded index folder ``out``; see the module
     docstring. Give vectors (``docs``) or texts with an ``encoder`` (or an
     ``encoder_factory`` that makes one in each worker; with the Ray executor the encoder
-    object itself is shipped to the workers when no factory is given). Returns a
+    object itself is shipped to the workers when no factory is given); with vectors,
+    ``encoder_settings`` records how they were encoded. Returns a
     :class:`~retrieval_prune.pipeline.build.BuildResult` whose ``stats`` time each phase."""
     from retrieval_prune.pipeline.build import BuildResult
 
@@ -227,7 +229,7 @@ def build_sharded(
         raise ValueError(f"{len(docs)} documents for {n} ids; give one id per document")
     if encoder is None and encoder_factory is not None and docs is None:
         encoder = None  # made in the workers
-    enc_settings = dict(encoder.settings) if encoder is not None else None
+    enc_settings = dict(encoder.settings) if encoder is not None else encoder_settings
     if enc_settings is None and encoder_factory is not None and docs is None:
         enc_settings = dict(encoder_factory().settings)
     ex = get_executor(executor)

@@ -50,7 +50,7 @@ from typing import Any
 from retrieval_prune.pipeline.executors import RAY_EXTRA
 from retrieval_prune.retrieve.retriever import Retriever
 
-__all__ = ["APP_NAME", "deployment", "run", "stop", "require_serve", "open_retriever"]
+__all__ = ["APP_NAME", "connect", "deployment", "open_retriever", "require_serve", "run", "stop"]
 
 #: the Serve application's name (``serve.delete(APP_NAME)`` removes it)
 APP_NAME = "retrieval-prune"
@@ -179,6 +179,17 @@ def deployment(
     return dep.bind()
 
 
+def connect(address: str | None = None) -> bool:
+    """Connect to Ray unless this process already did: ``address`` None or ``"local"``
+    starts a local cluster, ``"auto"`` joins the running one. Whether it connected now."""
+    ray, _ = require_serve()
+    if ray.is_initialized():
+        return False
+    ray.init(address="local" if address is None else address, include_dashboard=False,
+             configure_logging=False)
+    return True
+
+
 def _serving_address(serve: Any) -> tuple[str, int] | None:
     """``(host, port)`` Serve's proxies listen on, when this Ray version tells (else None)."""
     try:
@@ -196,20 +207,24 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     name: str = APP_NAME,
+    address: str | None = None,
     log_level: str = "warning",
+    replace: bool = False,
     **options: Any,
 ) -> Any:
-    """Start Serve's HTTP proxy on ``host:port`` (connecting to Ray, or starting a local
-    cluster, unless ``ray.init`` ran already) and deploy :func:`deployment` (``options``)
-    as application ``name`` at route ``/``. Returns once every replica has opened the index.
+    """Start Serve's HTTP proxy on ``host:port`` and deploy :func:`deployment`
+    (``options``) as application ``name`` at route ``/``; returns (a deployment handle)
+    once every replica has opened the index.
 
-    Serve's HTTP options are fixed when Serve first starts on a cluster: when it already
-    runs there on another host or port, this raises ValueError instead of serving elsewhere.
+    Unless ``ray.init`` ran already, this connects to Ray: ``address`` None or ``"local"``
+    starts a local cluster, ``"auto"`` joins the running one. Serve's HTTP options are
+    fixed when Serve first starts on a cluster: when it already listens there on another
+    host or port, this raises ValueError instead of serving elsewhere; so it does when an
+    application ``name`` already runs there, unless ``replace``.
     """
     ray, serve = require_serve()
-    app = deployment(index, **options)  # options checked before Serve starts
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    app = deployment(index, **options)  # options checked before Ray starts
+    connect(address)
     logging_config = {
         "log_level": log_level.upper(),
         "enable_access_log": log_level.lower() in ("info", "debug"),
@@ -221,6 +236,11 @@ def run(
             f"Ray Serve already runs on this cluster, listening on {actual[0]}:{actual[1]} (its "
             f"HTTP options are fixed when it starts); serve on that host and port, or shut "
             f"that Serve down first (serve shutdown)"
+        )
+    if not replace and name in serve.status().applications:
+        raise ValueError(
+            f"a Ray Serve application named {name!r} already runs on this cluster; stop it "
+            "first (serve.delete) or serve under another name"
         )
     return serve.run(app, name=name, route_prefix="/", logging_config=logging_config)
 

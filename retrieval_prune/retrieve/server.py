@@ -40,8 +40,12 @@ Adds and deletes run inside :meth:`Retriever.transaction`: a new index generatio
 saved before the answer, another process's commits are merged first, and a failed save
 leaves memory equal to the generation on disk.
 
-FastAPI and uvicorn are imported only when the server is built, so this module (and the
-CLI, which imports it) loads without them.
+``serve INDEX --ray [--replicas N] [--address ADDR]`` serves the same app through Ray Serve
+instead of uvicorn (:mod:`retrieval_prune.retrieve.ray_serve`): each replica opens the index
+(a sharded one searched through one Ray actor per shard) and serves :func:`create_app`'s app.
+
+FastAPI, uvicorn and Ray are imported only when the server is built, so this module (and
+the CLI, which imports it) loads without them.
 """
 
 from __future__ import annotations
@@ -314,14 +318,22 @@ def startup_warnings(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    on_ray = bool(getattr(args, "ray", False))
+    if not on_ray and (
+        getattr(args, "address", None) is not None or getattr(args, "replicas", None) is not None
+    ):
+        print("retrieval-prune serve: error: --address and --replicas are for --ray", file=sys.stderr)
+        return 2
     try:
-        import uvicorn
-    except ImportError:
-        print(
-            f"retrieval-prune serve: error: the server needs fastapi and uvicorn; "
-            f"{SERVE_INSTALL_HINT}",
-            file=sys.stderr,
-        )
+        if on_ray:
+            from retrieval_prune.retrieve.ray_serve import require_serve
+
+            require_serve()
+        else:
+            import uvicorn
+    except ImportError as exc:
+        why = str(exc) if on_ray else f"the server needs fastapi and uvicorn; {SERVE_INSTALL_HINT}"
+        print(f"retrieval-prune serve: error: {why}", file=sys.stderr)
         return 2
     from retrieval_prune.retrieve.retriever import Retriever
 
@@ -336,6 +348,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     for line in startup_warnings(args.host, token, extra_hosts, token_file):
         print(f"retrieval-prune serve: warning: {line}", file=sys.stderr)
+    if on_ray:
+        return _serve_on_ray(args, token, allowed)
     retriever = Retriever.from_index(args.index, checkpoint=args.checkpoint)
     app = create_app(
         retriever,
@@ -360,6 +374,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, token: str | None, allowed: list[str]) -> int:
+    """``serve --ray``: deploy the app on Ray Serve, wait for Ctrl-C or SIGTERM, then delete
+    the application (and shut down the cluster when this process started it)."""
+    import signal
+    import threading
+
+    from retrieval_prune.index import storage
+    from retrieval_prune.index.sharded import is_sharded
+    from retrieval_prune.retrieve import ray_serve
+
+    ray, serve = ray_serve.require_serve()
+    storage.live_pointer(args.index)  # no index there: one line and exit 2, before Ray starts
+    replicas = args.replicas or 1
+    options = {
+        "checkpoint": args.checkpoint,
+        "token": token,
+        "allowed_hosts": allowed,
+        "persist": not args.no_persist,
+        "replicas": replicas,
+        "max_batch": args.max_batch,
+        "max_documents": args.max_documents,
+        "max_k": args.max_k,
+    }
+    ray_serve.deployment(args.index, **options)  # bad options: one line, before Ray starts
+    # shut the cluster down at the end only when this process started it
+    owns_cluster = ray_serve.connect(args.address) and args.address in (None, "local")
+    stop = threading.Event()
+    try:  # after ray.init, which installs its own SIGTERM handler (an abort)
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    except ValueError:  # not the main thread: Ctrl-C only
+        previous = None
+    deployed = False
+    try:
+        try:
+            ray_serve.run(args.index, host=args.host, port=args.port,
+                          log_level=args.log_level, **options)
+            deployed = True
+        except (ValueError, ImportError):
+            raise  # bad options, or Serve already bound elsewhere: one line, exit 2
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:  # noqa: BLE001 - e.g. a replica that failed to open the index
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"retrieval-prune serve: error: Ray Serve could not start the application "
+                  f"({type(exc).__name__}: {first}); the replica logs are in the Ray session's "
+                  "logs/serve folder", file=sys.stderr)
+            return 1
+        mode = (
+            "adds/deletes need the bearer token"
+            if token
+            else (f"read-only (no --token-file or {TOKEN_ENV})")
+        )
+        where = ("one Ray actor per shard" if is_sharded(args.index)
+                 else "the index in each replica")
+        print(
+            f"serving {args.index} through Ray Serve ({replicas} replica(s), {where}) on "
+            f"http://{args.host}:{args.port}; {mode}; Ctrl-C stops it",
+            file=sys.stderr,
+        )
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if ray.is_initialized():
+            try:
+                if deployed:
+                    ray_serve.stop()
+                if owns_cluster:
+                    serve.shutdown()
+            finally:
+                if owns_cluster:
+                    ray.shutdown()
 
 
 def _positive(text: str) -> int:
@@ -436,6 +529,26 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    sp.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve (same API): each replica opens the index, a sharded "
+        "one searched through one Ray actor per shard; stops (deleting the application) on "
+        "Ctrl-C; needs pip install -e '.[ray]'",
+    )
+    sp.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --ray: the Ray cluster (default: start a local one; 'auto': the running one)",
+    )
+    sp.add_argument(
+        "--replicas",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="with --ray: Ray Serve replicas, each opening the index (default 1)",
     )
     sp.set_defaults(func=cmd_serve)
     return sp
