@@ -34,6 +34,7 @@ SPECS = [
     "residual:nbits=2,k=48 | ivf:nprobe=3,n_candidates=30,n_rerank=9",
     "residual:nbits=1,k=32",
     "flat",
+    "residual:nbits=2,k=48 | hnsw:nprobe=3",
 ]
 
 
