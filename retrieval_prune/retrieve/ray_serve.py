@@ -190,7 +190,7 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
-def _serving_address(serve: Any) -> tuple[str, int] | None:
+def _serving_address() -> tuple[str, int] | None:
     """``(host, port)`` Serve's proxies listen on, when this Ray version tells (else None)."""
     try:
         from ray.serve.context import _get_global_client
@@ -230,7 +230,7 @@ def run(
         "enable_access_log": log_level.lower() in ("info", "debug"),
     }
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=logging_config)
-    actual = _serving_address(serve)
+    actual = _serving_address()
     if actual is not None and actual != (host, int(port)):
         raise ValueError(
             f"Ray Serve already runs on this cluster, listening on {actual[0]}:{actual[1]} (its "
