@@ -361,7 +361,11 @@ def build_app(
                 return error(400, f"bad Content-Length header {size[:40]!r}")
             if too_big:
                 return error(413, f"request body of {size} bytes is over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - answered here: Starlette >= 1 re-raises
+            # from its outermost handler after a 500, and the server then drops the connection
+            return await _on_other(request, exc)
 
     # -- helpers --------------------------------------------------------------------------
     def check_text(text: str, where: str, allow_empty: bool) -> None:
