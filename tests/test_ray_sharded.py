@@ -71,6 +71,7 @@ def test_killed_shard_actor_is_restarted_and_no_answer_is_partial(built):
         import ray
 
         ray.kill(runner.actors[1], no_restart=True)
+        remote.index.retry_seconds = 2.0
         with pytest.raises(ShardUnavailableError, match=shard_name(1)):
             remote.retrieve(queries[0], 10)
         remote.index.allow_partial = True

@@ -240,6 +240,7 @@ def test_partial_answers_only_when_asked(tmp_path, data):
             return LocalShards([sh.shards[j] for j in live])
 
     sh.runner = Broken()
+    sh.retry_seconds = 0.2
     qv = make_pipeline(SPECS[0]).transform_queries(enc.encode_queries(queries[:3], progress=False))
     with pytest.raises(ShardUnavailableError, match="shard-0001") as err:
         sh.search(qv, 5)
@@ -299,3 +300,17 @@ def test_build_killed_at_random_moments_resumes_to_the_same_index(tmp_path):
     assert _snapshot(out) == want
     left = [p.name for p in out.rglob("*") if p.name.startswith((".tmp-", BUILD_DIR))]
     assert left == []
+
+
+def test_concurrent_searches_of_a_sharded_index_do_not_mix(tmp_path, data):
+    """Threads searching one sharded index at once each get their own exact answer (the
+    state between the two exchanges travels with the search, not on the runner)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids, texts, queries = data
+    build_sharded(SPECS[0], ids, texts=texts, encoder=HashingEncoder(), shards=3, out=tmp_path / "ix")
+    r = Retriever.from_index(tmp_path / "ix")
+    want = [r.retrieve(q, 10) for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: r.retrieve(q, 10), queries * 4))
+    assert got == want * 4

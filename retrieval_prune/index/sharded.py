@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,25 +111,23 @@ def is_sharded(path: str | Path) -> bool:
 
 # -- runners: where shards are searched ---------------------------------------------------------
 class LocalShards:
-    """Shards searched in this process, one after another."""
+    """Shards searched in this process, one after another. The runner protocol: ``phase1``
+    returns ``(token, answers)``; ``phase2(token, orders, n_final)`` finishes that search.
+    The token carries the search's state, so concurrent searches never share any."""
 
     def __init__(self, shards: Sequence[MultiVectorIndex]) -> None:
         self.shards = list(shards)
-        self._state: list[Any] = []
 
-    def phase1(self, queries: MultiVectors, k: int) -> list[list[tuple]]:
-        out, self._state = [], []
+    def phase1(self, queries: MultiVectors, k: int) -> tuple[Any, list[list[tuple]]]:
+        states, answers = [], []
         for s in self.shards:
             st, ans = s.shard_phase1(queries, k)
-            self._state.append(st)
-            out.append(ans)
-        return out
+            states.append(st)
+            answers.append(ans)
+        return states, answers
 
-    def phase2(self, orders: list[list[tuple | None]], n_final: int) -> list[list[tuple | None]]:
-        try:
-            return [s.shard_phase2(st, o, n_final) for s, st, o in zip(self.shards, self._state, orders, strict=True)]
-        finally:
-            self._state = []
+    def phase2(self, token: Any, orders: list[list[tuple | None]], n_final: int) -> list[list[tuple | None]]:
+        return [s.shard_phase2(st, o, n_final) for s, st, o in zip(self.shards, token, orders, strict=True)]
 
     def subset(self, live: Sequence[int]) -> LocalShards:
         return LocalShards([self.shards[j] for j in live])
@@ -236,8 +235,10 @@ class ShardedIndex(MultiVectorIndex):
 
     index_type: ClassVar[str] = "sharded"
     name: ClassVar[str] = "sharded"
-    #: searches retried when a runner reports a failed shard (a restarted actor answers again)
+    #: a search that finds a shard unavailable is retried (with backoff) at least ``retries``
+    #: times and for ``retry_seconds`` (a restarted actor answers again), then fails naming it
     retries: int = 2
+    retry_seconds: float = 20.0
 
     def __init__(self, shards: Sequence[MultiVectorIndex] = ()) -> None:
         self.shards: list[MultiVectorIndex] = list(shards)
@@ -352,18 +353,24 @@ class ShardedIndex(MultiVectorIndex):
         # such a search runs over the in-memory shards (the same answer a save would give)
         runner = self.runner if not any(self.dirty) else LocalShards(self.shards)
         last: ShardUnavailableError | None = None
-        for _ in range(self.retries + 1):
+        tries, delay = 0, 0.05
+        deadline = time.monotonic() + self.retry_seconds
+        while True:  # a restarting shard answers again within the retry window
             try:
                 self.missing_shards = ()
                 return self._search_once(queries, k, runner)
             except ShardUnavailableError as exc:
                 last = exc
-        assert last is not None
+                tries += 1
+            if tries > self.retries and time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
         if not self.allow_partial:
             raise ShardUnavailableError(
-                f"shard(s) {', '.join(shard_name(s) for s in last.shards)} did not answer after "
-                f"{self.retries + 1} tries; no partial answer was given (allow_partial=True "
-                "answers from the other shards and names the missing ones)",
+                f"shard(s) {', '.join(shard_name(s) for s in last.shards)} did not answer in "
+                f"{tries} tries over {self.retry_seconds:g} s; no partial answer was given "
+                "(allow_partial=True answers from the other shards and names the missing ones)",
                 last.shards,
             )
         live = [j for j in range(len(self.shards)) if j not in last.shards]
@@ -378,8 +385,8 @@ class ShardedIndex(MultiVectorIndex):
         first = self.shards[0]
         if hasattr(first, "shard_phase1"):
             n_keep, n_final = first._stage_sizes(k)
-            answers1 = runner.phase1(queries, k)
-            return merge_staged(answers1, lambda orders: runner.phase2(orders, n_final), bases, k, n_keep, n_final)
+            token, answers1 = runner.phase1(queries, k)
+            return merge_staged(answers1, lambda orders: runner.phase2(token, orders, n_final), bases, k, n_keep, n_final)
         return merge_topk(runner.topk(queries, k), bases, k)
 
     # -- description ---------------------------------------------------------------------------

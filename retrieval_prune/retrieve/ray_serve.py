@@ -42,8 +42,7 @@ Examples
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,35 +71,13 @@ def require_serve() -> tuple[Any, Any]:
     return ray, serve
 
 
-class _ServingRetriever(Retriever):
-    """A :class:`Retriever` whose searches of a *sharded* index run one at a time.
-
-    The sharded search keeps the state between its two exchanges on the runner (one per
-    index), so two searches at once in one process can mix their states up (wrong hits or
-    a ValueError). FastAPI answers requests on a thread pool, so a replica serialises its
-    sharded searches here; a single index searches in parallel as before. Drop this class
-    once the runners keep that state per search."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._one_sharded_search = threading.Lock()
-
-    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list:
-        from retrieval_prune.index.sharded import ShardedIndex
-
-        if isinstance(self.index, ShardedIndex):
-            with self._one_sharded_search:
-                return super().retrieve_batch(queries, k)
-        return super().retrieve_batch(queries, k)
-
-
 def open_retriever(index: str, checkpoint: str | None = None) -> Retriever:
     """The retriever a replica serves: a sharded index searched through shard actors on
     the replica's own cluster, any other index in the replica's process."""
     from retrieval_prune.index.sharded import is_sharded
 
     address = "auto" if is_sharded(index) else None
-    return _ServingRetriever.from_index(index, checkpoint=checkpoint, address=address)
+    return Retriever.from_index(index, checkpoint=checkpoint, address=address)
 
 
 def _app_builder(index: str, checkpoint: str | None, app_options: dict[str, Any]) -> Callable[[], Any]:

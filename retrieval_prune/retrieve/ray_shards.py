@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,6 @@ class RayShards:
         self._ids = itertools.count()
         self.actors = [self._start(j, ref) for j, ref in enumerate(index.refs)]
         self.shard_ids = list(range(len(self.actors)))
-        self._rid: str | None = None
 
     def _start(self, j: int, ref: tuple[str, str] | None):
         if ref is None:
@@ -137,14 +137,14 @@ class RayShards:
         raise ShardUnavailableError(f"shard(s) {names} failed: {type(failed[0][1]).__name__}",
                                     [j for j, _ in failed])
 
-    def phase1(self, queries: MultiVectors, k: int) -> list[list[tuple]]:
-        self._rid = f"{os.getpid()}-{next(self._ids)}"
+    def phase1(self, queries: MultiVectors, k: int) -> tuple[str, list[list[tuple]]]:
+        rid = f"{os.getpid()}-{threading.get_ident()}-{next(self._ids)}"  # this search's token
         emb = np.ascontiguousarray(queries.embeddings)  # small: sent inline with the calls
         off = np.asarray(queries.offsets, np.int64)
-        return self._gather([a.phase1.remote(self._rid, emb, off, k) for a in self.actors])
+        return rid, self._gather([a.phase1.remote(rid, emb, off, k) for a in self.actors])
 
-    def phase2(self, orders: list[list[tuple | None]], n_final: int) -> list[list[tuple | None]]:
-        return self._gather([a.phase2.remote(self._rid, o, n_final) for a, o in zip(self.actors, orders, strict=True)])
+    def phase2(self, rid: str, orders: list[list[tuple | None]], n_final: int) -> list[list[tuple | None]]:
+        return self._gather([a.phase2.remote(rid, o, n_final) for a, o in zip(self.actors, orders, strict=True)])
 
     def topk(self, queries: MultiVectors, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         emb = np.ascontiguousarray(queries.embeddings)  # small: sent inline with the calls
