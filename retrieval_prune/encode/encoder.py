@@ -20,6 +20,9 @@ Measured choices (exact MaxSim, nDCG@10, test qrels; adi / cranfield / med):
 * untrained ColBERT (seed-0 projection, markers, [MASK] augmentation) scores 0.381 / 0.275 /
   0.722: zero-shot is the better untrained choice; "untrained-colbert" is a baseline only.
 * ``precision="bfloat16"`` (opt-in): 0.508 / - / 0.789, about 1.3x fewer CPU-seconds.
+* ``precision="int8"`` (opt-in): queries through dynamic int8 Linear layers, documents in
+  float32; figures in ``eval/results/query_encoder_scifact.md``
+  (``scripts/query_encoder_bench.py``).
 
 Both return per-token importance on request: last-layer attention from [CLS], averaged over
 heads (``MultiVectors.weights``). Weights are the raw attention probabilities of the kept
@@ -37,7 +40,8 @@ Examples
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,14 +62,23 @@ from retrieval_prune.encode.model import (
 )
 from retrieval_prune.types import MultiVectors
 
-__all__ = ["Encoder", "UNTRAINED_COLBERT", "ENCODER_VERSION"]
+__all__ = ["Encoder", "UNTRAINED_COLBERT", "ENCODER_VERSION", "INT8_RECIPE", "quantize_int8"]
 
 #: Special checkpoint name: ColBERT mode with a freshly initialised (seed 0) projection.
 UNTRAINED_COLBERT = "untrained-colbert"
 #: Bumped whenever encoder output changes for the same settings (invalidates caches).
 ENCODER_VERSION = 1
 
-_PRECISIONS = ("float32", "bfloat16")
+_PRECISIONS = ("float32", "bfloat16", "int8")
+#: What ``precision="int8"`` does, recorded in :attr:`Encoder.settings` (``"quantization"``)
+#: of int8 encoders only, so float32 settings (and the caches keyed on them) are unchanged.
+INT8_RECIPE: dict[str, Any] = {
+    "method": "torch.ao.quantization.quantize_dynamic",
+    "modules": "every nn.Linear of the query forward pass",
+    "weights": "qint8, per output channel, symmetric",
+    "activations": "quint8, per tensor, min/max of each call (reduce_range as the engine sets)",
+    "documents": "float32",
+}
 _ZS_DOC_MAXLEN = 256
 _ZS_QUERY_MAXLEN = 64
 
@@ -90,6 +103,27 @@ def _torch_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+def quantize_int8(model: ColBERTModel) -> ColBERTModel:
+    """A copy of ``model`` whose ``nn.Linear`` layers run dynamic int8 (see :data:`INT8_RECIPE`).
+
+    Weights are quantised once, per output channel; each call quantises its input to 8 bits
+    over that call's own min/max, multiplies in int8 (fbgemm / oneDNN kernels) and returns
+    float32. CPU only. ``model`` itself is not changed.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization warns that it moves to torchao; it is what torch 2.13 ships
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        q = quantize_dynamic(
+            model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+            inplace=False,
+        )
+    q.eval()
+    return q
+
+
 class Encoder:
     """Encode queries and documents into token vectors (no grad, batched).
 
@@ -108,9 +142,14 @@ class Encoder:
     num_threads : int or None
         torch threads while encoding; None = torch's setting capped at the CPUs this
         process may use.
-    precision : ``"float32"`` (default) or ``"bfloat16"``
+    precision : ``"float32"`` (default), ``"bfloat16"`` or ``"int8"``
         ``"bfloat16"`` runs the forward pass under bf16 autocast: about 1.4x faster on CPUs
-        with AVX512-BF16, vectors within cosine 0.999 of float32. Part of :attr:`settings`.
+        with AVX512-BF16, vectors within cosine 0.999 of float32. ``"int8"`` encodes
+        *queries* with dynamic int8 Linear layers (:func:`quantize_int8`, CPU only; the
+        weights are quantised when the encoder is made, so later changes to ``model`` do not
+        reach queries) and *documents* in float32, so an int8 index holds the same document
+        vectors as a float32 one and only its queries are approximate. Part of
+        :attr:`settings`: an index built with one precision refuses queries from another.
     name : str
         Short label for tables.
     """
@@ -133,6 +172,11 @@ class Encoder:
             raise ValueError(f"num_threads={num_threads!r} must be an int >= 1 or None")
         if precision not in _PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {_PRECISIONS}")
+        if precision == "int8" and torch.device(device).type != "cpu":
+            raise ValueError(
+                f"precision='int8' runs on the CPU only (device={str(device)!r}); use "
+                "device='cpu', or precision='bfloat16' on an accelerator"
+            )
         if model.tokenizer is None:
             raise ValueError("model.tokenizer is None; the encoder needs the model's tokenizer")
         self.model = model
@@ -145,6 +189,7 @@ class Encoder:
         self.name = name or str(self.identity.get("name", "encoder"))
         self._tok = TextTokenizer(model.tokenizer, spec)
         self.model.to(self.device)
+        self._query_model = quantize_int8(model) if precision == "int8" else model
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -186,7 +231,8 @@ class Encoder:
             Override the mode's defaults (zero-shot: keep [CLS]/[SEP], keep punctuation;
             ColBERT: keep [CLS]/marker/[SEP], drop document punctuation).
         num_threads : int, optional
-        precision : ``"float32"`` or ``"bfloat16"`` (autocast; faster, approximate)
+        precision : ``"float32"``, ``"bfloat16"`` (autocast; faster, approximate) or
+            ``"int8"`` (dynamic int8 queries, float32 documents; faster queries, approximate)
         """
         overrides = {
             k: v
@@ -238,6 +284,31 @@ class Encoder:
         identity = {"name": path.resolve().name, "sha256": ckpt.sha256}
         return cls(ckpt.model, spec, identity=identity, name=f"colbert:{path.name}", **common)
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], **kw: Any) -> Encoder:
+        """The encoder that ``settings`` (an index's ``encoder_settings``) describe, precision
+        included: zero-shot and ``"untrained-colbert"`` only. An index records a trained
+        checkpoint's name and sha256, not its folder: load that with
+        ``Encoder.load(folder, precision=...)``. ``kw`` go to :meth:`load` (``batch_size``,
+        ``num_threads``, ...)."""
+        ident = settings.get("checkpoint") or {}
+        name = ident.get("name") if isinstance(ident, Mapping) else ident
+        tok = settings.get("tokenizer") or {}
+        spec = {
+            k: tok[k]
+            for k in ("doc_maxlen", "query_maxlen", "keep_special_tokens", "skip_punctuation")
+            if k in tok
+        }
+        precision = settings.get("precision", "float32")
+        if name == "zero-shot":
+            return cls.load(None, precision=precision, **spec, **kw)
+        if name == UNTRAINED_COLBERT:
+            return cls.load(UNTRAINED_COLBERT, precision=precision, **spec, **kw)
+        raise ValueError(
+            f"the index was encoded with checkpoint {name!r}, whose folder the index does not "
+            "record; pass checkpoint=FOLDER (CLI: --checkpoint FOLDER)"
+        )
+
     # -- description ----------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -258,7 +329,7 @@ class Encoder:
     @property
     def settings(self) -> dict[str, Any]:
         """JSON-able description of everything that determines the output vectors."""
-        return {
+        out = {
             "encoder_version": ENCODER_VERSION,
             "mode": self.mode,
             "checkpoint": self.identity,
@@ -267,6 +338,9 @@ class Encoder:
             "precision": self.precision,
             "tokenizer": self.spec.to_dict(),
         }
+        if self.precision == "int8":
+            out["quantization"] = dict(INT8_RECIPE)
+        return out
 
     def __repr__(self) -> str:
         s = self.spec
@@ -301,7 +375,9 @@ class Encoder:
         Padding never yields a vector.
         """
         tok = self._tok.documents(texts)
-        return self._encode(tok, progress=progress, importance=return_importance, desc="docs")
+        return self._encode(
+            self.model, tok, progress=progress, importance=return_importance, desc="docs"
+        )
 
     def encode_queries(
         self,
@@ -311,12 +387,17 @@ class Encoder:
         return_importance: bool = False,
     ) -> MultiVectors:
         """Encode queries (ColBERT mode: every query has exactly ``query_maxlen`` vectors,
-        [MASK] augmentation included; zero-shot: its own tokens, truncated)."""
+        [MASK] augmentation included; zero-shot: its own tokens, truncated, never padded).
+        ``precision="int8"``: through the int8 copy of the model."""
         tok = self._tok.queries(texts)
-        return self._encode(tok, progress=progress, importance=return_importance, desc="queries")
+        return self._encode(
+            self._query_model, tok, progress=progress, importance=return_importance,
+            desc="queries",
+        )
 
     def _encode(
-        self, tok: Tokenized, *, progress: bool, importance: bool, desc: str
+        self, model: torch.nn.Module, tok: Tokenized, *, progress: bool, importance: bool,
+        desc: str,
     ) -> MultiVectors:
         n = len(tok.ids)
         dim = self.dim
@@ -328,8 +409,11 @@ class Encoder:
         # longest first: similar lengths share a batch (little padding), and an
         # out-of-memory batch shows up at once
         order = sorted(range(n), key=lambda i: -len(tok.ids[i]))
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        # eval() sets an attribute on every submodule, a measurable part of one query: skip it
+        # when nothing is in training mode (the serving case)
+        if any(m.training for m in model.modules()):
+            model.eval()
         bar = tqdm(
             total=n, desc=f"encode {desc}", unit=desc[:-1], disable=not progress, leave=False
         )
@@ -341,7 +425,7 @@ class Encoder:
                 for start in range(0, n, self.batch_size):
                     index = order[start : start + self.batch_size]
                     batch = collate(tok, index, self._tok.pad_id)
-                    out = self.model(
+                    out = model(
                         batch.input_ids.to(self.device),
                         batch.attention_mask.to(self.device),
                         batch.vector_mask.to(self.device),
@@ -363,5 +447,5 @@ class Encoder:
         finally:
             bar.close()
             if was_training:
-                self.model.train()
+                model.train()
         return MultiVectors(emb, offsets, weights)
