@@ -53,7 +53,7 @@ class Stamps:
 
 def instrument(enc: Encoder, stamps: Stamps) -> list:
     """Hooks and wrappers that stamp the boundaries of one ``encode_queries`` call."""
-    model = enc._query_model
+    model = getattr(enc, "_query_model", enc.model)  # older encoders: no int8 copy
     bb = model.backbone
     handles = []
 
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", nargs="+", default=["float32", "int8"])
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--md", default=None, help="write the table as Markdown here")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -196,6 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    if args.md:
+        cols = list(out["p50_ms"])
+        lines = [
+            f"# Where one query's encoding time goes ({args.data}, "
+            f"{args.checkpoint or 'zero-shot MiniLM'})",
+            "",
+            f"Command: `{out['command']}`",
+            "",
+            f"{len(qtexts)} judged test queries, each encoded alone (`encode_queries([text])`), "
+            f"p50 {out['query_tokens_p50']:.0f} tokens, one thread, torch {torch.__version__}, "
+            f"quantized engine `{out['quantized_engine']}`. p50 ms per part (the parts are "
+            "stamped inside one call; `total` is that call, `e2e` the same query again "
+            "without stamps; `python_overhead` = setup + collate + pre_model + mask_prep + "
+            "output).",
+            "",
+            "| part | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+        ]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(f"{out['p50_ms'][p][k]:.3f}" for p in cols)
+                         + " |")
+        Path(args.md).write_text("\n".join(lines) + "\n")
     return 0
 
 

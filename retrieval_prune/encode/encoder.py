@@ -190,6 +190,10 @@ class Encoder:
         self._tok = TextTokenizer(model.tokenizer, spec)
         self.model.to(self.device)
         self._query_model = quantize_int8(model) if precision == "int8" else model
+        # every module of each model, to see cheaply whether any is in training mode
+        self._module_lists = {
+            id(m): list(m.modules()) for m in (self.model, self._query_model)
+        }
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -410,9 +414,11 @@ class Encoder:
         # out-of-memory batch shows up at once
         order = sorted(range(n), key=lambda i: -len(tok.ids[i]))
         was_training = model.training
-        # eval() sets an attribute on every submodule, a measurable part of one query: skip it
-        # when nothing is in training mode (the serving case)
-        if any(m.training for m in model.modules()):
+        # eval() sets an attribute on every submodule and modules() walks the tree, both a
+        # measurable part of one query: look at a flat list, and skip eval() when nothing is
+        # in training mode (the serving case)
+        modules = self._module_lists.get(id(model)) or list(model.modules())
+        if any(m.training for m in modules):
             model.eval()
         bar = tqdm(
             total=n, desc=f"encode {desc}", unit=desc[:-1], disable=not progress, leave=False
