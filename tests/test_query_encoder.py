@@ -227,3 +227,42 @@ def test_training_mode_is_switched_off_and_restored(zs: Encoder) -> None:
         zs.model.eval()
     assert np.array_equal(want.embeddings, got.embeddings)
     assert not any(m.training for m in zs.model.modules())
+
+
+# -- ONNX Runtime int8 (optional dependency) ---------------------------------------------
+@pytest.fixture(scope="module")
+def zs_onnx(zs: Encoder) -> Encoder:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    return Encoder(zs.model, zs.spec, identity=zs.identity, precision="int8-onnx", num_threads=1)
+
+
+def test_onnx_int8_vectors_close_to_float(zs: Encoder, zs_onnx: Encoder) -> None:
+    """Same kind of guard as for torch int8, tighter: ONNX Runtime keeps all 8 bits of the
+    activations (torch's x86 engines keep 7), so its token cosines measure about 0.99 on
+    average (``token_cosine_*`` in ``eval/results/query_encoder_scifact.md``)."""
+    f = zs.encode_queries(QUERIES)
+    q = zs_onnx.encode_queries(QUERIES)
+    assert np.array_equal(f.offsets, q.offsets)
+    np.testing.assert_allclose(np.linalg.norm(q.embeddings, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(f.embeddings * q.embeddings, axis=1)
+    assert cos.mean() >= 0.97 and cos.min() >= 0.85, (cos.mean(), cos.min())
+    assert cos.mean() < 1.0 - 1e-6
+    same_threads = Encoder(zs.model, zs.spec, identity=zs.identity, num_threads=1)
+    assert np.array_equal(  # documents: float32, bit for bit at the same thread count
+        zs_onnx.encode_documents(DOCS, progress=False).embeddings,
+        same_threads.encode_documents(DOCS, progress=False).embeddings,
+    )
+
+
+def test_onnx_int8_is_its_own_setting(zs: Encoder, zs8: Encoder, zs_onnx: Encoder) -> None:
+    assert zs_onnx.settings["precision"] == "int8-onnx"
+    assert zs_onnx.settings["quantization"]["method"].startswith("onnxruntime")
+    ids = [f"d{i}" for i in range(len(DOCS))]
+    r = Retriever.from_texts(ids, DOCS, zs_onnx, "exact")
+    assert r.retrieve("vitamin d and bones", k=1)[0].id == "d0"
+    for other, name in ((zs, "float32"), (zs8, "int8")):
+        with pytest.raises(ValueError, match=f"precision: index 'int8-onnx', encoder '{name}'"):
+            Retriever(r.index, other)
+    with pytest.raises(ValueError, match="no attention importance"):
+        zs_onnx.encode_queries(QUERIES[:1], return_importance=True)

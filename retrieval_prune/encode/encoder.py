@@ -20,9 +20,10 @@ Measured choices (exact MaxSim, nDCG@10, test qrels; adi / cranfield / med):
 * untrained ColBERT (seed-0 projection, markers, [MASK] augmentation) scores 0.381 / 0.275 /
   0.722: zero-shot is the better untrained choice; "untrained-colbert" is a baseline only.
 * ``precision="bfloat16"`` (opt-in): 0.508 / - / 0.789, about 1.3x fewer CPU-seconds.
-* ``precision="int8"`` (opt-in): queries through dynamic int8 Linear layers, documents in
-  float32; figures in ``eval/results/query_encoder_scifact.md``
-  (``scripts/query_encoder_bench.py``).
+* ``precision="int8"`` / ``"int8-onnx"`` (opt-in): queries through dynamic int8 Linear
+  layers (torch's own, or an ONNX Runtime session, which needs ``pip install onnx
+  onnxruntime``), documents in float32; latency, nDCG@10 and top-10 overlap in
+  ``eval/results/query_encoder_scifact.md`` (``scripts/query_encoder_bench.py``).
 
 Both return per-token importance on request: last-layer attention from [CLS], averaged over
 heads (``MultiVectors.weights``). Weights are the raw attention probabilities of the kept
@@ -69,7 +70,7 @@ UNTRAINED_COLBERT = "untrained-colbert"
 #: Bumped whenever encoder output changes for the same settings (invalidates caches).
 ENCODER_VERSION = 1
 
-_PRECISIONS = ("float32", "bfloat16", "int8")
+_PRECISIONS = ("float32", "bfloat16", "int8", "int8-onnx")
 #: What ``precision="int8"`` does, recorded in :attr:`Encoder.settings` (``"quantization"``)
 #: of int8 encoders only, so float32 settings (and the caches keyed on them) are unchanged.
 INT8_RECIPE: dict[str, Any] = {
@@ -142,13 +143,16 @@ class Encoder:
     num_threads : int or None
         torch threads while encoding; None = torch's setting capped at the CPUs this
         process may use.
-    precision : ``"float32"`` (default), ``"bfloat16"`` or ``"int8"``
+    precision : ``"float32"`` (default), ``"bfloat16"``, ``"int8"`` or ``"int8-onnx"``
         ``"bfloat16"`` runs the forward pass under bf16 autocast: about 1.4x faster on CPUs
         with AVX512-BF16, vectors within cosine 0.999 of float32. ``"int8"`` encodes
         *queries* with dynamic int8 Linear layers (:func:`quantize_int8`, CPU only; the
         weights are quantised when the encoder is made, so later changes to ``model`` do not
         reach queries) and *documents* in float32, so an int8 index holds the same document
-        vectors as a float32 one and only its queries are approximate. Part of
+        vectors as a float32 one and only its queries are approximate. ``"int8-onnx"`` is
+        the same idea through ONNX Runtime (:mod:`~retrieval_prune.encode.onnx_int8`: the
+        model exported and quantised when the encoder is made, a few seconds; all 8 bits of
+        the activations, where torch's x86 engines keep 7; no query importance). Part of
         :attr:`settings`: an index built with one precision refuses queries from another.
     name : str
         Short label for tables.
@@ -172,9 +176,9 @@ class Encoder:
             raise ValueError(f"num_threads={num_threads!r} must be an int >= 1 or None")
         if precision not in _PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {_PRECISIONS}")
-        if precision == "int8" and torch.device(device).type != "cpu":
+        if precision.startswith("int8") and torch.device(device).type != "cpu":
             raise ValueError(
-                f"precision='int8' runs on the CPU only (device={str(device)!r}); use "
+                f"precision={precision!r} runs on the CPU only (device={str(device)!r}); use "
                 "device='cpu', or precision='bfloat16' on an accelerator"
             )
         if model.tokenizer is None:
@@ -189,7 +193,13 @@ class Encoder:
         self.name = name or str(self.identity.get("name", "encoder"))
         self._tok = TextTokenizer(model.tokenizer, spec)
         self.model.to(self.device)
-        self._query_model = quantize_int8(model) if precision == "int8" else model
+        self._query_model: torch.nn.Module = model
+        if precision == "int8":
+            self._query_model = quantize_int8(model)
+        elif precision == "int8-onnx":
+            from retrieval_prune.encode.onnx_int8 import onnx_int8_model
+
+            self._query_model = onnx_int8_model(model, num_threads)
         # every module of each model, to see cheaply whether any is in training mode
         self._module_lists = {
             id(m): list(m.modules()) for m in (self.model, self._query_model)
@@ -235,8 +245,9 @@ class Encoder:
             Override the mode's defaults (zero-shot: keep [CLS]/[SEP], keep punctuation;
             ColBERT: keep [CLS]/marker/[SEP], drop document punctuation).
         num_threads : int, optional
-        precision : ``"float32"``, ``"bfloat16"`` (autocast; faster, approximate) or
-            ``"int8"`` (dynamic int8 queries, float32 documents; faster queries, approximate)
+        precision : ``"float32"``, ``"bfloat16"`` (autocast; faster, approximate),
+            ``"int8"`` or ``"int8-onnx"`` (dynamic int8 queries, float32 documents; faster
+            queries, approximate)
         """
         overrides = {
             k: v
@@ -344,6 +355,10 @@ class Encoder:
         }
         if self.precision == "int8":
             out["quantization"] = dict(INT8_RECIPE)
+        elif self.precision == "int8-onnx":
+            from retrieval_prune.encode.onnx_int8 import ONNX_INT8_RECIPE
+
+            out["quantization"] = dict(ONNX_INT8_RECIPE)
         return out
 
     def __repr__(self) -> str:
@@ -392,7 +407,7 @@ class Encoder:
     ) -> MultiVectors:
         """Encode queries (ColBERT mode: every query has exactly ``query_maxlen`` vectors,
         [MASK] augmentation included; zero-shot: its own tokens, truncated, never padded).
-        ``precision="int8"``: through the int8 copy of the model."""
+        ``precision="int8"`` / ``"int8-onnx"``: through the int8 copy of the model."""
         tok = self._tok.queries(texts)
         return self._encode(
             self._query_model, tok, progress=progress, importance=return_importance,
