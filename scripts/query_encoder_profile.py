@@ -54,7 +54,7 @@ class Stamps:
 def instrument(enc: Encoder, stamps: Stamps) -> list:
     """Hooks and wrappers that stamp the boundaries of one ``encode_queries`` call."""
     model = getattr(enc, "_query_model", enc.model)  # older encoders: no int8 copy
-    bb = model.backbone
+    bb = getattr(model, "backbone", None)
     handles = []
 
     def pre(label):
@@ -64,11 +64,12 @@ def instrument(enc: Encoder, stamps: Stamps) -> list:
         return lambda *_: stamps.mark(label)
 
     handles.append(model.register_forward_pre_hook(pre("model_start")))
-    handles.append(bb.embeddings.register_forward_pre_hook(pre("emb_start")))
-    handles.append(bb.embeddings.register_forward_hook(post("emb_end")))
-    for i, layer in enumerate(bb.encoder.layer):
-        handles.append(layer.register_forward_pre_hook(pre(f"layer_{i}_start")))
-        handles.append(layer.register_forward_hook(post(f"layer_{i}_end")))
+    if bb is not None:  # an ONNX Runtime session is one opaque call
+        handles.append(bb.embeddings.register_forward_pre_hook(pre("emb_start")))
+        handles.append(bb.embeddings.register_forward_hook(post("emb_end")))
+        for i, layer in enumerate(bb.encoder.layer):
+            handles.append(layer.register_forward_pre_hook(pre(f"layer_{i}_start")))
+            handles.append(layer.register_forward_hook(post(f"layer_{i}_end")))
     handles.append(model.register_forward_hook(post("model_end")))
 
     tok = enc._tok
@@ -106,13 +107,16 @@ def parts_of(marks: dict[str, float], t0: float, t1: float, n_layers: int) -> di
         "setup": marks["tok_start"] - t0,
         "tokenise": marks["tok_end"] - marks["tok_start"],
         "collate": marks["collate_end"] - marks["collate_start"],
-        "pre_model": marks["emb_start"] - marks["model_start"],
-        "embeddings": marks["emb_end"] - marks["emb_start"],
-        "mask_prep": marks["layer_0_start"] - marks["emb_end"],
     }
-    for i in range(n_layers):
-        out[f"layer_{i}"] = marks[f"layer_{i}_end"] - marks[f"layer_{i}_start"]
-    out["head"] = marks["model_end"] - marks[f"layer_{n_layers - 1}_end"]
+    if "emb_start" in marks:
+        out["pre_model"] = marks["emb_start"] - marks["model_start"]
+        out["embeddings"] = marks["emb_end"] - marks["emb_start"]
+        out["mask_prep"] = marks["layer_0_start"] - marks["emb_end"]
+        for i in range(n_layers):
+            out[f"layer_{i}"] = marks[f"layer_{i}_end"] - marks[f"layer_{i}_start"]
+        out["head"] = marks["model_end"] - marks[f"layer_{n_layers - 1}_end"]
+    else:  # ONNX Runtime: the whole model is one session call (inputs to numpy included)
+        out["onnx_session"] = marks["model_end"] - marks["model_start"]
     out["output"] = t1 - marks["model_end"]
     # the gaps between the marked regions (tok_end -> collate_start -> model_start) are the
     # encoder's own bookkeeping too
@@ -124,12 +128,16 @@ def parts_of(marks: dict[str, float], t0: float, t1: float, n_layers: int) -> di
     return out
 
 
+def _cell(v: float | None, width: int = 0) -> str:
+    return ("-" if v is None else f"{v:.3f}").rjust(width)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="scifact")
     ap.add_argument("--n", type=int, default=300, help="queries (first N judged test queries)")
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default zero-shot)")
-    ap.add_argument("--precision", nargs="+", default=["float32", "int8"])
+    ap.add_argument("--precision", nargs="+", default=["float32", "int8", "int8-onnx"])
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", default=None, help="write the table as JSON here")
     ap.add_argument("--md", default=None, help="write the table as Markdown here")
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         p: Encoder.load(args.checkpoint, precision=p, num_threads=1) for p in args.precision
     }
     n_layers = len(next(iter(encs.values())).model.backbone.encoder.layer)
+    # (ONNX Runtime: intra-op threads come from num_threads=1 above)
     for enc in encs.values():
         for t in qtexts[: args.warmup]:
             enc.encode_queries([t])
@@ -182,18 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     overhead = ["setup", "collate", "pre_model", "mask_prep", "output"]
     for p, r in rows.items():
         med = {k: float(np.median(v)) for k, v in r.items()}
-        med["layers_sum"] = sum(med[f"layer_{i}"] for i in range(n_layers))
-        med["python_overhead"] = sum(med[k] for k in overhead)
+        if "layer_0" in med:
+            med["layers_sum"] = sum(med[f"layer_{i}"] for i in range(n_layers))
+        med["python_overhead"] = sum(med.get(k, 0.0) for k in overhead)
         med["e2e_p95"] = float(np.percentile(r["e2e"], 95))
         out["p50_ms"][p] = med
 
-    keys = list(next(iter(out["p50_ms"].values())).keys())
+    keys = list(dict.fromkeys(k for m in out["p50_ms"].values() for k in m))
     print(f"# {out['command']}")
     print(f"{len(qtexts)} queries, p50 {out['query_tokens_p50']:.0f} tokens, 1 thread, "
           f"torch {torch.__version__}, engine {out['quantized_engine']}")
     print("part".ljust(16) + "".join(p.rjust(12) for p in out["p50_ms"]))
     for k in keys:
-        print(k.ljust(16) + "".join(f"{out['p50_ms'][p][k]:12.3f}" for p in out["p50_ms"]))
+        print(k.ljust(16) + "".join(_cell(out["p50_ms"][p].get(k), 12) for p in out["p50_ms"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "|---|" + "---:|" * len(cols),
         ]
         for k in keys:
-            lines.append(f"| {k} | " + " | ".join(f"{out['p50_ms'][p][k]:.3f}" for p in cols)
+            lines.append(f"| {k} | " + " | ".join(_cell(out["p50_ms"][p].get(k)) for p in cols)
                          + " |")
         Path(args.md).write_text("\n".join(lines) + "\n")
     return 0
