@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--work", default="indexes/scale_bench")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--build-from", default=None, metavar="JSON",
+                    help="take the build rows from an earlier run's JSON instead of measuring them")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -153,7 +155,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = {"data": corpus.name, "cpu": _cpu(), "command": "python scripts/scale_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    if not args.skip_build:
+    if args.build_from:
+        out["build"] = json.loads(Path(args.build_from).read_text())["build"]
+        out["build_command"] = json.loads(Path(args.build_from).read_text()).get("command")
+    elif not args.skip_build:
         out["build"] = bench_build(corpus, args.build_docs, args.checkpoint, work, not args.quiet)
     out["search"], out["corpus"] = bench_search(corpus, args.checkpoint, work, args.shards, not args.quiet)
     print(json.dumps(out, indent=1))

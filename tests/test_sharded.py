@@ -314,3 +314,16 @@ def test_concurrent_searches_of_a_sharded_index_do_not_mix(tmp_path, data):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: r.retrieve(q, 10), queries * 4))
     assert got == want * 4
+
+
+def test_a_sharded_build_from_vectors(tmp_path, data):
+    """Pre-encoded vectors (docs=) build the same shards as texts through the encoder."""
+    ids, texts, _ = data
+    enc = HashingEncoder()
+    vecs = enc.encode_documents(texts[:120], progress=False)
+    build_sharded(SPECS[0], ids[:120], docs=vecs, encoder_settings=dict(enc.settings), shards=2,
+                  out=tmp_path / "v", block_docs=50)
+    build_sharded(SPECS[0], ids[:120], texts=texts[:120], encoder=enc, shards=2, out=tmp_path / "t",
+                  block_docs=50, store_texts=False)
+    a, b = _snapshot(tmp_path / "v"), _snapshot(tmp_path / "t")
+    assert a == b and load_index(tmp_path / "v").encoder_settings == enc.settings

@@ -277,7 +277,7 @@ def build_sharded(
                 yield bno, pipe.spec, payload
 
         if docs is not None:
-            init = None
+            init = _constant(None)  # blocks carry their vectors: no encoder in the workers
         elif encoder_factory is not None:
             init = encoder_factory
         else:
