@@ -51,6 +51,16 @@ def test_ray_search_equals_local_search(built):
         assert len({i["pid"] for i in info}) == 4 and all(i["peak_rss"] > 0 for i in info)
     finally:
         remote.index.runner.close()
+    # two shards per actor (one score table per query per actor): the same answers
+    from retrieval_prune.retrieve.ray_shards import attach_ray
+
+    grouped = Retriever.from_index(root / "ray")
+    runner = attach_ray(grouped.index, root / "ray", address="auto", shards_per_actor=2)
+    try:
+        assert [i["shards"] for i in runner.info()] == [2, 2]
+        assert grouped.retrieve_batch(queries, 10) == local.retrieve_batch(queries, 10)
+    finally:
+        runner.close()
 
 
 def test_killed_shard_actor_is_restarted_and_no_answer_is_partial(built):

@@ -120,8 +120,11 @@ class LocalShards:
 
     def phase1(self, queries: MultiVectors, k: int) -> tuple[Any, list[list[tuple]]]:
         states, answers = [], []
+        tables = None  # the shards share one codebook: the first shard's score tables serve all
         for s in self.shards:
-            st, ans = s.shard_phase1(queries, k)
+            st, ans = s.shard_phase1(queries, k, tables)
+            if tables is None:
+                tables = [None if x is None else x[0] for x in st]
             states.append(st)
             answers.append(ans)
         return states, answers

@@ -409,7 +409,7 @@ class StagedIndex(CompressedIndex):
         return (table[:, : q.shape[0]].max(axis=1) >= self.t_cs).astype(np.uint8)
 
     # -- one shard of a sharded index: the staged search in two exchanges ---------------------
-    def shard_phase1(self, queries: MultiVectors, k: int) -> tuple[list[tuple], list[tuple]]:
+    def shard_phase1(self, queries: MultiVectors, k: int, tables: list | None = None) -> tuple[list[tuple], list[tuple]]:
         """First exchange of an exact search over shards that share this index's codebook.
 
         Every stage score of a document depends on the query, the codebook and that
@@ -418,6 +418,10 @@ class StagedIndex(CompressedIndex):
         the approximate (uint8) score -- a superset of its share of the global best -- and
         the coordinator cuts globally (:func:`retrieval_prune.index.sharded.merge_staged`).
         ``k`` is the *global* depth (budgets follow it, not this shard's size).
+
+        ``tables``: the per-query score tables another shard with the same codebook made
+        for these queries (``state[i][0]``): the table depends on the query and the codebook
+        only, so shards in one process compute it once.
 
         Returns ``(state, answers)``: ``state`` stays with the shard for
         :meth:`shard_phase2`; an answer is ``("empty", scores, positions)`` for a query with no
@@ -445,7 +449,7 @@ class StagedIndex(CompressedIndex):
                     state.append(None)
                     continue
                 qpi = qp[int(qv_off[i]) * vsize : int(qv_off[i + 1]) * vsize]
-                table = self._score_table(cache, qpi)
+                table = tables[i] if tables is not None and tables[i] is not None else self._score_table(cache, qpi)
                 q = q_all[a:b]
                 cand = self._candidates(cache, table, q, alive, mark, i + 1, buf)
                 s = self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q)) \

@@ -42,17 +42,21 @@ _MAX_STATES = 256
 
 
 class ShardActor:
-    """One shard, memory-mapped, answering the exchanges of the sharded search."""
+    """A group of shards (one or more), memory-mapped in one process, answering the
+    exchanges of the sharded search. Shards in one actor share each query's score table
+    (they share the codebook), so grouping the shards of a node into one actor computes it
+    once per node instead of once per shard."""
 
-    def __init__(self, folder: str, pointer: Sequence[str], threads: int = 1) -> None:
+    def __init__(self, folders: Sequence[str], pointers: Sequence[Sequence[str]], threads: int = 1) -> None:
         from retrieval_prune.index.base import load_index
+        from retrieval_prune.index.sharded import LocalShards
 
         _limit_threads(threads)
-        self.index = load_index(folder, pointer=(pointer[0], pointer[1]))
+        self.shards = LocalShards([load_index(f, pointer=(p[0], p[1])) for f, p in zip(folders, pointers, strict=True)])
         self.states: dict[str, Any] = {}
 
-    def phase1(self, rid: str, emb: np.ndarray, off: np.ndarray, k: int) -> list[tuple]:
-        state, answers = self.index.shard_phase1(MultiVectors(emb, off), k)
+    def phase1(self, rid: str, emb: np.ndarray, off: np.ndarray, k: int) -> list[list[tuple]]:
+        state, answers = self.shards.phase1(MultiVectors(emb, off), k)
         self.states[rid] = state
         while len(self.states) > _MAX_STATES:
             self.states.pop(next(iter(self.states)))
@@ -61,15 +65,11 @@ class ShardActor:
     def phase2(self, rid: str, orders: list, n_final: int) -> list:
         state = self.states.pop(rid, None)
         if state is None:  # this actor restarted between the exchanges
-            raise LookupError(f"request {rid} is unknown to this shard (restarted); retry the search")
-        return self.index.shard_phase2(state, orders, n_final)
+            raise LookupError(f"request {rid} is unknown to this shard group (restarted); retry the search")
+        return self.shards.phase2(state, orders, n_final)
 
-    def topk(self, emb: np.ndarray, off: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = self.index
-        n_q = off.shape[0] - 1
-        if idx.n_positions == 0 or not int(np.count_nonzero(idx.alive)):
-            return np.zeros((n_q, 0), np.float32), np.zeros((n_q, 0), np.int64)
-        return idx._search(MultiVectors(emb, off), k)
+    def topk(self, emb: np.ndarray, off: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.shards.topk(MultiVectors(emb, off), k)
 
     def info(self) -> dict[str, Any]:
         """PID and peak resident memory (VmHWM, bytes) of this actor's process."""
@@ -81,16 +81,21 @@ class ShardActor:
                         peak = int(line.split()[1]) * 1024
         except OSError:
             pass
-        return {"pid": os.getpid(), "peak_rss": peak, "docs": len(self.index)}
+        return {"pid": os.getpid(), "peak_rss": peak, "docs": sum(len(x) for x in self.shards.shards),
+                "shards": len(self.shards.shards)}
 
 
 class RayShards:
-    """Runner: a Ray actor per shard of ``index`` (a loaded :class:`ShardedIndex`)."""
+    """Runner: Ray actors over the shards of ``index`` (a loaded :class:`ShardedIndex`), one
+    per shard by default, or ``shards_per_actor`` consecutive shards per actor (the shards
+    of one node in one process: one score table per query per actor)."""
 
     def __init__(self, index: ShardedIndex, root: str | Path, *, address: str | None = "local",
-                 threads_per_shard: int = 1, timeout: float = 60.0, max_restarts: int = 4,
-                 num_cpus: int | None = None) -> None:
+                 threads_per_shard: int = 1, shards_per_actor: int = 1, timeout: float = 60.0,
+                 max_restarts: int = 4, num_cpus: int | None = None) -> None:
         ray = require_ray()
+        if shards_per_actor < 1:
+            raise ValueError(f"shards_per_actor={shards_per_actor!r} must be >= 1")
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
@@ -106,36 +111,49 @@ class RayShards:
         self.threads = threads_per_shard
         self.max_restarts = max_restarts
         self._ids = itertools.count()
-        self.actors = [self._start(j, ref) for j, ref in enumerate(index.refs)]
-        self.shard_ids = list(range(len(self.actors)))
+        n = len(index.refs)
+        #: shard numbers of each actor, in shard order
+        self.groups = [list(range(a, min(a + shards_per_actor, n))) for a in range(0, n, shards_per_actor)]
+        self._refs = list(index.refs)
+        self.actors = [self._start(g) for g in self.groups]
 
-    def _start(self, j: int, ref: tuple[str, str] | None):
-        if ref is None:
-            raise ValueError(f"{shard_name(j)} has no committed generation; save the index first")
+    def _start(self, group: list[int]):
+        for j in group:
+            if self._refs[j] is None:
+                raise ValueError(f"{shard_name(j)} has no committed generation; save the index first")
         cls = self.ray.remote(num_cpus=0)(ShardActor).options(
             max_restarts=self.max_restarts, max_task_retries=0, name=None
         )
-        return cls.remote(str(self.root / shard_name(j)), list(ref), self.threads)
+        return cls.remote([str(self.root / shard_name(j)) for j in group],
+                          [list(self._refs[j]) for j in group], self.threads)  # type: ignore[arg-type]
 
     # -- the runner protocol ---------------------------------------------------------------
     def _gather(self, refs: list) -> list:
-        """Results of one call per actor; failed shards raise ShardUnavailableError."""
+        """Results of one call per actor, flattened to one per shard; shards of failed
+        actors raise ShardUnavailableError."""
         ray = self.ray
         errors = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                   ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError)
         try:
-            return ray.get(refs, timeout=self.timeout)  # one wait for every shard
+            per_actor = ray.get(refs, timeout=self.timeout)  # one wait for every actor
         except errors:
-            pass
-        out, failed = [], []
-        for j, r in zip(self.shard_ids, refs, strict=True):
-            try:
-                out.append(ray.get(r, timeout=self.timeout))
-            except errors as exc:
-                failed.append((j, exc))
-        names = ", ".join(shard_name(j) for j, _ in failed)
-        raise ShardUnavailableError(f"shard(s) {names} failed: {type(failed[0][1]).__name__}",
-                                    [j for j, _ in failed])
+            per_actor, failed = [], []
+            for g, r in zip(self.groups, refs, strict=True):
+                try:
+                    per_actor.append(ray.get(r, timeout=self.timeout))
+                except errors as exc:
+                    failed.append((g, exc))
+            if failed:
+                bad = [j for g, _ in failed for j in g]
+                raise ShardUnavailableError(
+                    f"shard(s) {', '.join(shard_name(j) for j in bad)} failed: {type(failed[0][1]).__name__}", bad
+                ) from None
+        return [x for part in per_actor for x in part]
+
+    def _per_actor(self, per_shard: list) -> list[list]:
+        """Split a per-shard list into the actors' groups."""
+        at = {j: i for i, j in enumerate(j for g in self.groups for j in g)}
+        return [[per_shard[at[j]] for j in g] for g in self.groups]
 
     def phase1(self, queries: MultiVectors, k: int) -> tuple[str, list[list[tuple]]]:
         rid = f"{os.getpid()}-{threading.get_ident()}-{next(self._ids)}"  # this search's token
@@ -144,34 +162,35 @@ class RayShards:
         return rid, self._gather([a.phase1.remote(rid, emb, off, k) for a in self.actors])
 
     def phase2(self, rid: str, orders: list[list[tuple | None]], n_final: int) -> list[list[tuple | None]]:
-        return self._gather([a.phase2.remote(rid, o, n_final) for a, o in zip(self.actors, orders, strict=True)])
+        return self._gather([a.phase2.remote(rid, o, n_final)
+                             for a, o in zip(self.actors, self._per_actor(orders), strict=True)])
 
     def topk(self, queries: MultiVectors, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        emb = np.ascontiguousarray(queries.embeddings)  # small: sent inline with the calls
+        emb = np.ascontiguousarray(queries.embeddings)
         off = np.asarray(queries.offsets, np.int64)
         return self._gather([a.topk.remote(emb, off, k) for a in self.actors])
 
     def subset(self, live: Sequence[int]) -> RayShards:
-        """A runner over the shards ``live`` only (for an ``allow_partial`` answer)."""
+        """A runner over the actors all of whose shards are in ``live`` (for an
+        ``allow_partial`` answer; a group answers for all its shards or none)."""
+        keep = [i for i, g in enumerate(self.groups) if set(g) <= set(live)]
         sub = object.__new__(RayShards)
         sub.__dict__.update(self.__dict__)
-        sub.actors = [self.actors[self.shard_ids.index(j)] for j in live]
-        sub.shard_ids = list(live)
+        sub.actors = [self.actors[i] for i in keep]
+        sub.groups = [self.groups[i] for i in keep]
         return sub
 
     def update(self, index: ShardedIndex) -> None:
-        """Reopen shards whose pinned generation changed (after ``index.save``)."""
-        for j, ref in enumerate(index.refs):
-            if j >= len(self.actors):
-                self.actors.append(self._start(j, ref))
-                self.shard_ids.append(j)
-            elif ref != getattr(self, "_refs", {}).get(j):
-                self.ray.kill(self.actors[j], no_restart=True)
-                self.actors[j] = self._start(j, ref)
-        self._refs = dict(enumerate(index.refs))
+        """Reopen the groups whose shards' pinned generations changed (after ``index.save``)."""
+        old, self._refs = self._refs, list(index.refs)
+        for i, g in enumerate(self.groups):
+            if any(j >= len(old) or old[j] != self._refs[j] for j in g):
+                self.ray.kill(self.actors[i], no_restart=True)
+                self.actors[i] = self._start(g)
 
     def info(self) -> list[dict[str, Any]]:
-        return self._gather([a.info.remote() for a in self.actors])
+        """One entry per actor: pid, peak RSS, documents, shards."""
+        return self.ray.get([a.info.remote() for a in self.actors], timeout=self.timeout)
 
     def close(self) -> None:
         for a in self.actors:
@@ -187,6 +206,5 @@ def attach_ray(index: ShardedIndex, root: str | Path, **kwargs: Any) -> RayShard
     if not isinstance(index, ShardedIndex):
         raise TypeError(f"{root} is not a sharded index; Ray search needs one (build --shards N)")
     runner = RayShards(index, root, **kwargs)
-    runner._refs = dict(enumerate(index.refs))
     index.runner = runner
     return runner
