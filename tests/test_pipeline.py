@@ -136,5 +136,5 @@ def test_query_path_from_the_manifest_alone(tmp_path):
 
 def test_executors():
     assert list(get_executor().map(str, [1, 2])) == ["1", "2"]
-    with pytest.raises(ValueError, match="unknown executor 'ray'"):
-        get_executor("ray")
+    with pytest.raises(ValueError, match="unknown executor 'dask'"):
+        get_executor("dask")
