@@ -75,7 +75,7 @@ def bench_build(corpus, n_docs, checkpoint, work, progress):
     return rows
 
 
-def bench_search(corpus, checkpoint, work, shard_counts, progress):
+def bench_search(corpus, checkpoint, work, shard_counts, progress, reuse=False):
     import numba
 
     from retrieval_prune.retrieve.ray_shards import attach_ray
@@ -84,20 +84,28 @@ def bench_search(corpus, checkpoint, work, shard_counts, progress):
     qids, qtexts = corpus.judged_queries()
     cache = EmbeddingCache(cache_root() / "embeddings")
     docs = cache.get_or_encode(enc, corpus.name, corpus.doc_ids, corpus.doc_texts, progress=progress)
-    single = build("default", corpus.doc_ids, docs=docs, encoder_settings=dict(enc.settings),
-                   out=work / "single").index
+    if reuse and (work / "single" / "CURRENT").is_file():
+        single = load_index(work / "single")
+    else:
+        single = build("default", corpus.doc_ids, docs=docs, encoder_settings=dict(enc.settings),
+                       out=work / "single").index
     pipe = make_pipeline("default")
     qv = pipe.transform_queries(enc.encode_queries(qtexts, progress=False))
     setups = {"unsharded": (single, None)}
     for s in shard_counts:
         path = work / f"shards-{s}"
-        shutil.rmtree(path, ignore_errors=True)
-        build_sharded("default", corpus.doc_ids, docs=docs, shards=s, out=path,
-                      encoder_settings=dict(enc.settings))
+        if not (reuse and (path / "CURRENT").is_file()):
+            shutil.rmtree(path, ignore_errors=True)
+            build_sharded("default", corpus.doc_ids, docs=docs, shards=s, out=path,
+                          encoder_settings=dict(enc.settings))
         setups[f"{s} shards, local"] = (load_index(path), path)
         remote = load_index(path)
         attach_ray(remote, path, address="local", threads_per_shard=1)
         setups[f"{s} shards, ray"] = (remote, path)
+        if s > 2:  # one actor per core (2 here), each holding s/2 shards: one table per actor
+            grouped = load_index(path)
+            attach_ray(grouped, path, address="local", threads_per_shard=1, shards_per_actor=-(-s // 2))
+            setups[f"{s} shards, ray, {-(-s // 2)} per actor"] = (grouped, path)
     numba.set_num_threads(1)
     # answers first: every setup must give the unsharded index's top-100
     ref = single.search(qv, 100)
@@ -122,6 +130,7 @@ def bench_search(corpus, checkpoint, work, shard_counts, progress):
     rows = []
     for name, (idx, path) in setups.items():
         row = {"setup": name, "shards": len(getattr(idx, "shards", [idx])),
+               "actors": len(getattr(getattr(idx, "runner", None), "actors", [])) or None,
                "bytes_per_doc": round(index_bytes(path or work / "single") / len(corpus.doc_ids), 1),
                **quality[name]}
         for k in (10, 100):
@@ -145,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--work", default="indexes/scale_bench")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="search index folders an earlier run left in --work")
     ap.add_argument("--build-from", default=None, metavar="JSON",
                     help="take the build rows from an earlier run's JSON instead of measuring them")
     ap.add_argument("--json", default=None)
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
         out["build_command"] = json.loads(Path(args.build_from).read_text()).get("command")
     elif not args.skip_build:
         out["build"] = bench_build(corpus, args.build_docs, args.checkpoint, work, not args.quiet)
-    out["search"], out["corpus"] = bench_search(corpus, args.checkpoint, work, args.shards, not args.quiet)
+    out["search"], out["corpus"] = bench_search(corpus, args.checkpoint, work, args.shards, not args.quiet, args.reuse)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
@@ -204,8 +214,14 @@ def markdown(out) -> str:
                      f"{r['p95_ms_k100']} | {r['ndcg@10']:.4f} | {'yes' if r['identical_to_unsharded'] else 'NO'} | "
                      f"{r['bytes_per_doc']:,.0f} | {', '.join(map(str, r.get('actor_peak_rss_mb', []))) or '-'} |")
     lines += ["", "Milliseconds. Local: the shards searched one after another in the calling process "
-              "(numba 1 thread). Ray: one actor per shard (1 thread each), two exchanges per query "
-              "(candidates, then rerank), the exact merge in the caller.", "", f"Command: `{out['command']}`", ""]
+              "(numba 1 thread; the first shard's score table serves the others). Ray: one actor per "
+              "shard, or a group of shards per actor (1 thread each; one score table per actor), two "
+              "exchanges per query (candidates, then rerank), the exact merge in the caller. Actor "
+              "peak RSS is VmHWM of each actor process: the Python interpreter, numba and the "
+              "memory-mapped shard pages it touched.", ""]
+    if out.get("build_command"):
+        lines.append(f"Build rows: `{out['build_command']}`.")
+    lines += [f"Command: `{out['command']}`", ""]
     return "\n".join(lines)
 
 
