@@ -300,12 +300,13 @@ class Encoder:
         return cls(ckpt.model, spec, identity=identity, name=f"colbert:{path.name}", **common)
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], **kw: Any) -> Encoder:
+    def from_settings(cls, settings: Mapping[str, Any], checkpoint: str | Path | None = None,
+                      **kw: Any) -> Encoder:
         """The encoder that ``settings`` (an index's ``encoder_settings``) describe, precision
         included: zero-shot and ``"untrained-colbert"`` only. An index records a trained
         checkpoint's name and sha256, not its folder: load that with
-        ``Encoder.load(folder, precision=...)``. ``kw`` go to :meth:`load` (``batch_size``,
-        ``num_threads``, ...)."""
+        ``Encoder.load(folder, precision=...)``, or give it as ``checkpoint``. ``kw`` go to
+        :meth:`load` (``batch_size``, ``num_threads``, ...)."""
         ident = settings.get("checkpoint") or {}
         name = ident.get("name") if isinstance(ident, Mapping) else ident
         tok = settings.get("tokenizer") or {}
@@ -315,6 +316,8 @@ class Encoder:
             if k in tok
         }
         precision = settings.get("precision", "float32")
+        if checkpoint is not None:
+            return cls.load(checkpoint, precision=precision, **spec, **kw)
         if name == "zero-shot":
             return cls.load(None, precision=precision, **spec, **kw)
         if name == UNTRAINED_COLBERT:

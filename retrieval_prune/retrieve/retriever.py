@@ -133,27 +133,7 @@ def load_encoder(settings: Mapping[str, Any], checkpoint: str | Path | None = No
         return HashingEncoder.from_settings(settings)
     from retrieval_prune.encode import Encoder
 
-    if checkpoint is None and hasattr(Encoder, "from_settings"):
-        return Encoder.from_settings(settings)
-    # fallback until/unless Encoder.from_settings exists: rebuild from the recorded fields
-    ident = settings.get("checkpoint") or {}
-    name = ident.get("name") if isinstance(ident, Mapping) else ident
-    tok = settings.get("tokenizer") or {}
-    kw = {
-        k: tok[k]
-        for k in ("doc_maxlen", "query_maxlen", "keep_special_tokens", "skip_punctuation")
-        if k in tok
-    }
-    if checkpoint is not None:
-        return Encoder.load(checkpoint, **kw)
-    if name == "zero-shot":
-        return Encoder.load(None, **kw)
-    if name == "untrained-colbert":
-        return Encoder.load("untrained-colbert", **kw)
-    raise ValueError(
-        f"the index was encoded with checkpoint {name!r}, whose folder the index does not "
-        "record; pass checkpoint=FOLDER (CLI: --checkpoint FOLDER)"
-    )
+    return Encoder.from_settings(settings, checkpoint=checkpoint)
 
 
 # -- input checks ---------------------------------------------------------------------------
