@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,19 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def wait_healthy(url, proc, seconds, what="server", interval=0.1):
+    """Poll ``url/health`` until it answers 200; fail if ``proc`` exits or ``seconds`` pass."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{what} did not come up"
+        time.sleep(interval)

@@ -15,10 +15,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -27,6 +25,8 @@ pytest.importorskip("fastapi")
 from retrieval_prune import cli  # noqa: E402
 from retrieval_prune.pipeline.sharded import build_sharded  # noqa: E402
 from retrieval_prune.retrieve import HashingEncoder, Retriever  # noqa: E402
+from tests.conftest import wait_healthy  # noqa: E402
+from tests.test_sharded import corpus  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -37,11 +37,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def synthetic_corpus(n=200, seed=7):
     """``n`` documents and 12 queries of random words w0..w199 (labelled synthetic)."""
-    rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(200)]
-    texts = [" ".join(rng.choice(words, int(rng.integers(4, 25)))) for _ in range(n)]
-    queries = [" ".join(rng.choice(words, int(rng.integers(1, 6)))) for _ in range(12)]
-    return [f"d{i}" for i in range(n)], texts, queries
+    return corpus(n, seed, n_words=200, n_queries=12)
 
 
 def free_port() -> int:
@@ -191,16 +187,7 @@ def test_cli_serve_ray_subprocess(tmp_path, ray_cluster):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "Ray Serve did not come up"
-            time.sleep(0.25)
+        wait_healthy(url, proc, 90, "Ray Serve", interval=0.25)
         with httpx.Client(base_url=url, timeout=60) as client:  # a busy machine: be patient
             r = client.post("/search", json={"queries": queries[:3], "k": 5})
             want = Retriever.from_index(path).retrieve_batch(queries[:3], 5)

@@ -32,6 +32,7 @@ from retrieval_prune.retrieve.server import (  # noqa: E402
     read_token,
     startup_warnings,
 )
+from tests.conftest import wait_healthy  # noqa: E402
 
 DOCS = {
     "apple": "red apples grow on apple trees in the orchard",
@@ -722,16 +723,7 @@ def test_cli_serve_subprocess(tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_healthy(url, proc, 30)
         r = httpx.post(f"{url}/search", json={"queries": ["sailing"], "k": 1})
         assert r.json()["results"][0][0]["id"] == "boat"
         assert httpx.post(f"{url}/search", json={"queries": ["a"] * 5}).status_code == 413

@@ -38,11 +38,12 @@ SPECS = [
 ]
 
 
-def corpus(n=500, seed=0):
+def corpus(n=500, seed=0, n_words=250, n_queries=40):
+    """``n`` documents and ``n_queries`` queries of random words (labelled synthetic)."""
     rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(250)]
+    words = [f"w{i}" for i in range(n_words)]
     texts = [" ".join(rng.choice(words, int(rng.integers(3, 30)))) for _ in range(n)]
-    queries = [" ".join(rng.choice(words, int(rng.integers(1, 8)))) for _ in range(40)]
+    queries = [" ".join(rng.choice(words, int(rng.integers(1, 8)))) for _ in range(n_queries)]
     return [f"d{i}" for i in range(n)], texts, queries
 
 

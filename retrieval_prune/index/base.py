@@ -346,13 +346,9 @@ def load_index(
         check_index_meta(meta, set(types))
     except ManifestError as exc:
         raise storage.IndexCorruptedError(f"{where}: {exc}") from None
+    meta["_root"], meta["_verify"] = str(path), verify  # for types that open more folders
     try:
-        if meta["type"] == "sharded":
-            from retrieval_prune.index.sharded import ShardedIndex
-
-            index = ShardedIndex._from_folder(Path(path), meta, verify=verify)
-        else:
-            index = types[meta["type"]]._from_saved(meta, arrays)
+        index = types[meta["type"]]._from_saved(meta, arrays)
     except storage.IndexCorruptedError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,

@@ -233,8 +233,8 @@ def merge_topk(answers: list[tuple[np.ndarray, np.ndarray]], bases: np.ndarray, 
 # -- the index -----------------------------------------------------------------------------------
 class ShardedIndex(MultiVectorIndex):
     """Shards (standard indexes with one shared codebook) behind the index protocol; see the
-    module docstring. Open with :func:`~retrieval_prune.index.base.load_index` or
-    :meth:`from_shards`; ``save`` commits the shards and the top-level manifest together."""
+    module docstring. Open with :func:`~retrieval_prune.index.base.load_index` or build from
+    shards that share one fitted codebook (``ShardedIndex(shards)``); ``save`` commits the shards and the top-level manifest together."""
 
     index_type: ClassVar[str] = "sharded"
     name: ClassVar[str] = "sharded"
@@ -257,11 +257,6 @@ class ShardedIndex(MultiVectorIndex):
             self._adopt_shards()
 
     # -- construction ------------------------------------------------------------------------
-    @classmethod
-    def from_shards(cls, shards: Sequence[MultiVectorIndex]) -> ShardedIndex:
-        """Shards built with one fitted codebook (checked) -> a sharded index in memory."""
-        return cls(shards)
-
     def _adopt_shards(self) -> None:
         first = self.shards[0]
         shas = {codebook_sha256(s) for s in self.shards}
@@ -400,9 +395,6 @@ class ShardedIndex(MultiVectorIndex):
                 out[f"{shard_name(j)}.{name}"] = arr
         return out
 
-    def shard_counts(self) -> list[dict[str, int]]:
-        return [{"n_docs": len(s), "n_positions": s.n_positions} for s in self.shards]
-
     # -- persistence ----------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         meta = super()._meta()
@@ -448,6 +440,12 @@ class ShardedIndex(MultiVectorIndex):
         if update is not None:  # remote shards reopen the generations just committed
             update(self)
         return gen
+
+    @classmethod
+    def _from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ShardedIndex:
+        """The loader's hook: the top-level generation holds no arrays; its folder and
+        verification choice arrive in ``meta`` (``_root``, ``_verify``)."""
+        return cls._from_folder(Path(meta["_root"]), meta, verify=bool(meta.get("_verify", True)))
 
     @classmethod
     def _from_folder(cls, root: Path, meta: dict[str, Any], *, verify: bool = True) -> ShardedIndex:

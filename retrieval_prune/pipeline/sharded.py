@@ -132,6 +132,19 @@ def _load_codebook(folder: Path) -> tuple[Any, dict[str, Any]]:
     return index, meta
 
 
+def _committed(folder: Path, mark: dict[str, Any], n_docs: int) -> tuple[str, str] | None:
+    """The pointer of a shard this build already committed (its manifest carries ``mark``;
+    opening it checks every file's sha256), else None (missing, damaged or foreign)."""
+    if not (folder / "CURRENT").is_file():
+        return None
+    try:
+        done = load_index(folder)
+    except (OSError, ValueError):
+        return None
+    ok = done.info.get("sharded_build") == mark and done.n_positions == n_docs
+    return done.loaded_pointer if ok else None
+
+
 def write_shard(item: tuple) -> tuple[int, str, str]:
     """One shard: ``item = (shard, of, out, build key, pipeline spec, block numbers, ids,
     texts or None, encoder settings)`` -> ``(shard, generation, manifest sha256)``. Codes the
@@ -142,13 +155,9 @@ def write_shard(item: tuple) -> tuple[int, str, str]:
     folder = out / shard_name(s)
     work = out / BUILD_DIR
     mark = {"key": key, "shard": s, "of": of}
-    if (folder / "CURRENT").is_file():
-        try:
-            done = load_index(folder)
-            if done.info.get("sharded_build") == mark and done.n_positions == len(ids):
-                return s, *done.loaded_pointer  # type: ignore[misc]
-        except (OSError, ValueError):
-            pass  # damaged or foreign: rebuilt below
+    done = _committed(folder, mark, len(ids))
+    if done is not None:
+        return s, *done  # type: ignore[misc]
     from retrieval_prune.index.staged import build_streaming
 
     index, _ = _load_codebook(work / _CODEBOOK)
@@ -227,8 +236,6 @@ def build_sharded(
         raise ValueError(f"{len(texts)} texts for {n} ids; give one text per id")
     if docs is not None and len(docs) != n:
         raise ValueError(f"{len(docs)} documents for {n} ids; give one id per document")
-    if encoder is None and encoder_factory is not None and docs is None:
-        encoder = None  # made in the workers
     enc_settings = dict(encoder.settings) if encoder is not None else encoder_settings
     if enc_settings is None and encoder_factory is not None and docs is None:
         enc_settings = dict(encoder_factory().settings)
@@ -396,12 +403,8 @@ def _write_flat_shard(out, work, s, shards, key, pipe, blocks, bounds, ids, text
     folder = out / shard_name(s)
     mark = {"key": key, "shard": s, "of": shards}
     a, b = bounds[s], bounds[s + 1]
-    if (folder / "CURRENT").is_file():
-        try:
-            if load_index(folder).info.get("sharded_build") == mark:
-                return
-        except (OSError, ValueError):
-            pass
+    if _committed(folder, mark, b - a) is not None:
+        return
     index = make_pipeline(pipe.spec).index
     parts = [_read_block(work, bno) for bno, blk in enumerate(blocks) if blk[0] == s]
     emb = np.concatenate([p.embeddings for p in parts])
