@@ -236,10 +236,10 @@ def build_sharded(
         raise ValueError(f"{len(texts)} texts for {n} ids; give one text per id")
     if docs is not None and len(docs) != n:
         raise ValueError(f"{len(docs)} documents for {n} ids; give one id per document")
-    enc_settings = dict(encoder.settings) if encoder is not None else encoder_settings
-    if enc_settings is None and encoder_factory is not None and docs is None:
-        enc_settings = dict(encoder_factory().settings)
     ex = get_executor(executor)
+    if encoder is None and encoder_factory is not None and docs is None:
+        encoder = encoder_factory()  # its settings go into the manifest; local blocks reuse it
+    enc_settings = dict(encoder.settings) if encoder is not None else encoder_settings
     out = Path(out)
     key = _build_key(pipe.spec, ids, texts, docs, shards, block_docs, enc_settings)
     stats: dict[str, Any] = {"executor": ex.name, "shards": shards, "key": key}
@@ -285,8 +285,8 @@ def build_sharded(
 
         if docs is not None:
             init = _constant(None)  # blocks carry their vectors: no encoder in the workers
-        elif encoder_factory is not None:
-            init = encoder_factory
+        elif encoder_factory is not None and ex.name != "local":
+            init = encoder_factory  # each worker makes its own
         else:
             init = _constant(encoder)
         results = ex.map(encode_block, items(), init=init)
