@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_DATA ?= scifact
 DEMO_PIPELINES ?= --pipeline default
 
-.PHONY: demo test test-slow bench lint env clean-cache
+.PHONY: demo test test-slow bench lint env clean-cache peers
 
 env: $(STAMP)
 
@@ -35,6 +35,22 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check retrieval_prune tests
+
+# The Rust peers (LightOn's fast-plaid, the WARP engine xtr-warp-rs) pin torch 2.11, which
+# cannot live beside our torch 2.13: they get their own venv and are driven through
+# retrieval_prune/evaluation/peer_worker.py over a pipe (`retrieval-prune bench peers`).
+# The PyTorch CPU index is not reachable from these machines, so torch 2.11 comes from PyPI:
+# the CUDA build (about 2.7 GB of wheels with its nvidia-* libraries); it runs on CPU.
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): Makefile
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.11.0 fast-plaid==1.7.0.2110 xtr-warp-rs==2.1.0.2110
+	$(PEERS_VENV)/bin/python -c "import fast_plaid.search, xtr_warp, torch; print('peers ok, torch', torch.__version__)"
+	@touch $(PEERS_STAMP)
 
 clean-cache:
 	rm -rf .cache
