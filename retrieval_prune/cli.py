@@ -171,16 +171,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(args.json, result)
         return 0
-    if args.what == "plaid":
+    if args.what in ("plaid", "peers"):
         import shlex
 
         from retrieval_prune.evaluation import bench_plaid
 
         command = shlex.join(["retrieval-prune", *(args.argv or [])])
         try:
-            return bench_plaid.run_from_args(args, command, threads=args.threads)
+            return bench_plaid.run_from_args(args, command, threads=args.threads,
+                                             with_peers=args.what == "peers")
         except ImportError as exc:
-            print(f"retrieval-prune bench plaid: error: {exc}", file=sys.stderr)
+            print(f"retrieval-prune bench {args.what}: error: {exc}", file=sys.stderr)
             return 2
     raise ValueError(f"unknown benchmark {args.what!r}")
 
@@ -449,11 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    bn = sub.add_parser("bench", help="benchmarks (kernels; plaid: against colbert-ai PLAID)",
+    bn = sub.add_parser("bench", help="benchmarks (kernels; plaid: against colbert-ai PLAID; "
+                                      "peers: PLAID, fast-plaid and xtr-warp-rs)",
                         description="Benchmarks: 'kernels' against this machine's own roofs; "
                                     "'plaid' against colbert-ai's PLAID on the same vectors "
-                                    "(needs pip install -e '.[plaid]').")
-    bn.add_argument("what", choices=["kernels", "plaid"])
+                                    "(needs pip install -e '.[plaid]'); 'peers' adds the Rust "
+                                    "peers fast-plaid and xtr-warp-rs, each in a worker "
+                                    "process of their own environment (make peers).")
+    bn.add_argument("what", choices=["kernels", "plaid", "peers"])
     bn.add_argument("--json", metavar="PATH")
     bn.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread counts (plaid: latency at each; the first is the headline)")

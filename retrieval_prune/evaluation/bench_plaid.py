@@ -132,6 +132,8 @@ class OurEngine:
     """A retrieval_prune pipeline: quality row from ``evaluate_pipeline``, then reopened."""
 
     engine = "retrieval_prune"
+    #: the encoder precision whose vectors this engine searches (end-to-end pass)
+    query_precision = "float32"
 
     def __init__(self, ctx: Any, spec: str, folder: Path, *, checkpoint: str | None,
                  progress: bool = False):
@@ -145,7 +147,8 @@ class OurEngine:
         rss0 = current_rss_mb()
         self.row = evaluate_pipeline(ctx, spec, checkpoint=checkpoint, index_dir=self.folder,
                                      progress=progress)
-        self.row.update({"engine": self.engine, "rss_at_start_mb": rss0})
+        self.row.update({"engine": self.engine, "rss_at_start_mb": rss0,
+                         "encoder_precision": self.query_precision})
         nbits = _nbits_of(self.row["pipeline_canonical"])
         if nbits is not None:
             self.row["nbits"] = nbits
@@ -158,15 +161,52 @@ class OurEngine:
         self.index = load_index(self.folder)
         from retrieval_prune.pipeline import Pipeline
 
-        self.queries = Pipeline.for_index(self.index).transform_queries(self._ctx.queries)
+        self._pipe = Pipeline.for_index(self.index)
+        self.queries = self._pipe.transform_queries(self._query_vectors())
         self._doc_ids = self.index.doc_ids
+
+    def _query_vectors(self) -> Any:
+        return self._ctx.queries
 
     def search(self, qi: int, k: int) -> list[tuple[str, float]]:
         res = self.index.search(self.queries[qi : qi + 1], k=k)
         return list(res.external(0))
 
+    def search_encoded(self, mv: Any, k: int) -> list[tuple[str, float]]:
+        """One query straight from the encoder: the index's query steps, then search."""
+        res = self.index.search(self._pipe.transform_queries(mv), k=k)
+        return list(res.external(0))
+
     def close(self) -> None:
         self.index = None
+
+
+class OurFastQueryEngine(OurEngine):
+    """The index of ``base`` searched with queries from another encoder precision (e.g.
+    ``int8-onnx``: documents stay float32, only queries are approximate). Its query vectors
+    are each query text encoded alone by ``encoder``; quality is scored on them."""
+
+    def __init__(self, base: OurEngine, encoder: Any, texts: Sequence[str]):
+        from retrieval_prune.types import MultiVectors
+
+        self.spec, self.folder, self._ctx = base.spec, base.folder, base._ctx
+        self.query_precision = encoder.precision
+        self.index = None
+        qs = [encoder.encode_queries([t], progress=False) for t in texts]
+        self._qvecs = MultiVectors.from_list([np.asarray(q.embeddings) for q in qs],
+                                             dim=qs[0].dim)
+        self.open()
+        self.search(0, 100)  # warm-up
+        run = {qid: dict(self.search(qi, 100)) for qi, qid in enumerate(self._ctx.qids)}
+        self.close()
+        self.row = {**{k: v for k, v in base.row.items() if not k.startswith(("p50", "p95"))},
+                    **run_quality(self._ctx, run),
+                    "encoder": f"{base.row['encoder']} {encoder.precision}",
+                    "encoder_precision": encoder.precision,
+                    "shares_index_with": base.spec}
+
+    def _query_vectors(self) -> Any:
+        return self._qvecs
 
 
 def _nbits_of(spec: str) -> int | None:
@@ -214,6 +254,7 @@ class PlaidEngine:
     """colbert-ai's PLAID index (indexer + searcher) over precomputed vectors."""
 
     engine = "plaid"
+    query_precision = "float32"
 
     def __init__(self, ctx: Any, nbits: int, scratch: Path, *, checkpoint: str | None,
                  log: Path | None = None):
@@ -286,6 +327,7 @@ class PlaidEngine:
             "query_encode_ms": ctx.query_encode_ms,
             "peak_rss_mb": peak,
             "engine": self.engine,
+            "encoder_precision": self.query_precision,
             "nbits": self.nbits,
             "rss_at_start_mb": rss0,
             "num_partitions": meta["num_partitions"],
@@ -323,6 +365,16 @@ class PlaidEngine:
     def search(self, qi: int, k: int) -> list[tuple[str, float]]:
         s = self.searchers[k if k in self.searchers else max(self.searchers)]
         pids, _, scores = s.dense_search(self.Q[qi], k)
+        ids = self._doc_ids
+        return [(ids[p], float(sc)) for p, sc in zip(pids, scores, strict=False)]
+
+    def search_encoded(self, mv: Any, k: int) -> list[tuple[str, float]]:
+        """One query straight from the encoder (``MultiVectors`` of one query)."""
+        import torch
+
+        s = self.searchers[k if k in self.searchers else max(self.searchers)]
+        q = torch.from_numpy(np.array(mv.embeddings, dtype=np.float32)).unsqueeze(0)
+        pids, _, scores = s.dense_search(q, k)
         ids = self._doc_ids
         return [(ids[p], float(sc)) for p, sc in zip(pids, scores, strict=False)]
 
@@ -405,6 +457,55 @@ def measure_latency(engines: Sequence[Any], n_queries: int, *, ks: Sequence[int]
     return stats, results
 
 
+def measure_e2e(engines: Sequence[Any], texts: Sequence[str], encoders: dict[str, Any], *,
+                ks: Sequence[int] = KS, threads: int = 1, warmup: int = 10,
+                progress: bool = False,
+                ) -> tuple[list[dict[str, dict[str, float]]], list[dict[int, dict]]]:
+    """End to end, query text in, ranked ids out: per engine and k, p50/p95 ms of
+    ``encoders[engine.query_precision].encode_queries([text])`` (tokenise + encode) followed
+    by ``engine.search_encoded(vectors, k)``, every query, engines interleaved query by
+    query (order rotating) after ``warmup`` queries each, ``threads`` threads. Engines
+    that take vectors (PLAID, the peers) get the same encoder as ours. Also returns each
+    engine's results per k."""
+    stats: list[dict[str, dict[str, float]]] = [{} for _ in engines]
+    results: list[dict[int, dict]] = [{} for _ in engines]
+    n = len(texts)
+
+    def one(e: Any, qi: int, k: int) -> list:
+        mv = encoders[getattr(e, "query_precision", "float32")].encode_queries(
+            [texts[qi]], progress=False)
+        return e.search_encoded(mv, k)
+
+    with thread_limit(threads):
+        for k in ks:
+            for e in engines:
+                for qi in range(min(warmup, n)):
+                    one(e, qi, k)
+            m = len(engines)
+            lat: list[list[float]] = [[] for _ in engines]
+            for e_i in range(m):
+                results[e_i][k] = {}
+            it = range(n)
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc=f"end-to-end k={k} threads={threads}", leave=False)
+            for qi in it:
+                for j in range(m):
+                    e_i = (qi + j) % m
+                    t0 = time.perf_counter()
+                    hits = one(engines[e_i], qi, k)
+                    lat[e_i].append((time.perf_counter() - t0) * 1e3)
+                    results[e_i][k][qi] = hits
+            for e_i in range(m):
+                stats[e_i][str(k)] = {
+                    "p50_ms": float(np.percentile(lat[e_i], 50)),
+                    "p95_ms": float(np.percentile(lat[e_i], 95)),
+                    "mean_ms": float(np.mean(lat[e_i])),
+                }
+    return stats, results
+
+
 def time_doc_encoding(checkpoint: str | None, data: str, split: str, *, n: int = 64,
                       seed: int = 0, threads: int | None = None) -> dict[str, Any] | None:
     """Encoder cost, measured once: seconds to encode ``n`` random documents of ``data``
@@ -443,6 +544,56 @@ def time_doc_encoding(checkpoint: str | None, data: str, split: str, *, n: int =
 
 
 # -- the benchmark ---------------------------------------------------------------------
+def _query_texts(data: str, split: str, max_docs: int | None, qids: Sequence[str]
+                 ) -> list[str] | None:
+    """The text of each of ``qids`` (a BEIR text collection), or None (an embedding set)."""
+    from retrieval_prune.data.beir import resolve_dataset
+    from retrieval_prune.data.embeddings import is_embedding_set
+
+    p = Path(data)
+    if p.is_dir() and is_embedding_set(p):
+        return None
+    folder = resolve_dataset(data)
+    if is_embedding_set(folder):
+        return None
+    from retrieval_prune.data import load_beir
+
+    corpus = load_beir(folder, split=split, max_docs=max_docs)
+    jq, jt = corpus.judged_queries()
+    by_id = dict(zip(jq, jt, strict=True))
+    return [by_id[q] for q in qids]
+
+
+def first_queries(ctx: Any, n: int) -> Any:
+    """``ctx`` with only its first ``n`` judged queries (smoke runs)."""
+    from retrieval_prune.evaluation.runner import DatasetContext
+
+    if n >= len(ctx.qids):
+        return ctx
+    return DatasetContext(name=ctx.name, split=ctx.split, doc_ids=ctx.doc_ids, docs=ctx.docs,
+                          qids=list(ctx.qids[:n]), queries=ctx.queries[0:n],
+                          qrels={q: ctx.qrels[q] for q in ctx.qids[:n] if q in ctx.qrels},
+                          encoder_settings=ctx.encoder_settings,
+                          encoder_name=ctx.encoder_name, query_encode_ms=ctx.query_encode_ms)
+
+
+def _e2e_encoders(checkpoint: str | None, fast: str | None, threads: int,
+                  say: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    """Query encoders for the end-to-end pass, one thread each: float32 (what the index
+    vectors come from) and, when asked, the fast one (``int8-onnx``)."""
+    from retrieval_prune.encode import Encoder
+
+    encs = {"float32": Encoder.load(checkpoint, num_threads=threads)}
+    err = None
+    if fast and fast != "float32":
+        try:
+            encs[fast] = Encoder.load(checkpoint, precision=fast, num_threads=threads)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            err = f"{type(exc).__name__}: {exc}"
+            say(f"fast query encoder {fast!r} unavailable, its row is skipped: {err}")
+    return encs, err
+
+
 def run(
     data: str | Any,
     *,
@@ -456,34 +607,67 @@ def run(
     encode_sample: int = 64,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    peers: Sequence[str] = (),
+    peers_python: str | Path | None = None,
+    peer_nbits: Sequence[int] = (2, 4),
+    max_docs: int | None = None,
+    max_queries: int | None = None,
+    e2e: bool = True,
+    fast_encoder: str | None = "int8-onnx",
+    query_texts: Sequence[str] | None = None,
+    encoders: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns ``{"rows": [...], "meta": {...}}``.
 
     ``data`` is a dataset name/folder (loaded with ``load_context``) or a ready
-    ``DatasetContext`` (tests). ``nbits=()`` skips PLAID (colbert-ai not needed).
+    ``DatasetContext`` (tests; give ``query_texts`` and ``encoders`` — precision to an
+    object with ``encode_queries([text])`` — for the end-to-end pass). ``nbits=()`` skips
+    PLAID (colbert-ai not needed); ``peers`` adds the Rust peers (see
+    :mod:`~retrieval_prune.evaluation.peers`), run by ``peers_python``. ``max_docs`` /
+    ``max_queries`` cut the dataset for smoke runs only (``load_beir``'s subset: the first
+    documents plus every judged one; the first judged queries). ``e2e``: the end-to-end
+    pass (query text in, ranked ids out), for text collections; ``fast_encoder`` adds our
+    first pipeline searched with that encoder precision as its own row (None: not).
     """
+    from retrieval_prune.evaluation.peers import DEFAULT_PEERS_PYTHON, PeerEngine, peer_configs
     from retrieval_prune.evaluation.runner import DatasetContext, load_context
 
     say = log or (lambda s: print(s, file=sys.stderr))
     if nbits:
         require_colbert()  # fail before any work
+    peer_cfgs = peer_configs(peers, peer_nbits) if peers else []
     scratch = Path(scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     plaid_log = scratch / "colbert.log"
     if plaid_log.exists():
         plaid_log.unlink()
     t_start = time.perf_counter()
+    texts = list(query_texts) if query_texts is not None else None
     if isinstance(data, DatasetContext):
         ctx = data
         encode_info = None
     else:
         from retrieval_prune.encode import Encoder
 
-        ctx = load_context(data, lambda: Encoder.load(checkpoint), split=split)
+        ctx = load_context(data, lambda: Encoder.load(checkpoint), split=split,
+                           max_docs=max_docs)
+        if max_queries:
+            ctx = first_queries(ctx, max_queries)
         say(f"{ctx.name}: {len(ctx.doc_ids)} docs, {ctx.docs.n_tokens} vectors, "
             f"{len(ctx.qids)} queries; exact nDCG@10 {ctx.exact_metrics['ndcg@10']:.4f}")
         encode_info = (time_doc_encoding(checkpoint, data, split, n=encode_sample,
                                          threads=threads[0]) if encode_sample else None)
+        if e2e:
+            texts = _query_texts(data, split, max_docs, ctx.qids)
+    if max_queries and isinstance(data, DatasetContext):
+        ctx = first_queries(ctx, max_queries)
+    if texts is not None:
+        texts = texts[: len(ctx.qids)]
+    fast_err = None
+    if not e2e or texts is None:
+        encoders = None
+    elif encoders is None:
+        encoders, fast_err = _e2e_encoders(checkpoint, fast_encoder, threads[0], say)
     ext_s = None
     if nbits:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -498,12 +682,30 @@ def run(
         say(f"  nDCG@10 {e.row['ndcg@10']:.4f}, {e.row['bytes_per_doc']:,.0f} B/doc, "
             f"build {e.row['build_s']:.1f} s")
         engines.append(e)
+    if engines and encoders and fast_encoder in encoders and fast_encoder != "float32":
+        say(f"retrieval_prune: {pipelines[0]} with the {fast_encoder} query encoder")
+        with thread_limit(threads[0]):
+            e = OurFastQueryEngine(engines[0], encoders[fast_encoder], texts)
+        say(f"  nDCG@10 {e.row['ndcg@10']:.4f}")
+        engines.append(e)
     for nb in nbits:
         say(f"PLAID: build + quality pass: nbits={nb} (colbert-ai log: {plaid_log})")
         e = PlaidEngine(ctx, nb, scratch, checkpoint=checkpoint, log=plaid_log)
         e.close()
         say(f"  nDCG@10 {e.row['ndcg@10']:.4f}, {e.row['bytes_per_doc']:,.0f} B/doc, "
             f"build {e.row['build_s']:.1f} s")
+        engines.append(e)
+    for cfg in peer_cfgs:
+        say(f"{cfg['peer']}: build + quality pass: {cfg['kind']} "
+            f"(settings {cfg['settings']})")
+        e = PeerEngine(ctx, cfg["peer"], cfg["settings"], scratch,
+                       python=peers_python or DEFAULT_PEERS_PYTHON, checkpoint=checkpoint,
+                       kind=cfg["kind"], nbits=cfg["nbits"])
+        if e.failed:
+            say(f"  error: {e.failed}")
+        else:
+            say(f"  nDCG@10 {e.row['ndcg@10']:.4f}, {e.row['bytes_per_doc']:,.0f} B/doc, "
+                f"build {e.row['build_s']:.1f} s")
         engines.append(e)
     # latency: every engine open at once, interleaved query by query
     for e in engines:
@@ -512,29 +714,58 @@ def run(
                 e.open()
         else:
             e.open()
+    live = [e for e in engines if not getattr(e, "failed", None)]
     n_q = len(ctx.qids)
-    by_threads: dict[str, list] = {}
+    by_threads: dict[str, dict[int, Any]] = {}
     for t in threads:
-        say(f"latency: {len(engines)} engines x {n_q} queries x k={list(KS)}, {t} thread(s)")
-        stats, results = measure_latency(engines, n_q, threads=t, warmup=warmup,
+        say(f"latency: {len(live)} engines x {n_q} queries x k={list(KS)}, {t} thread(s)")
+        stats, results = measure_latency(live, n_q, threads=t, warmup=warmup,
                                          progress=progress)
-        by_threads[str(t)] = stats
-        for e, res in zip(engines, results, strict=True):
+        by_threads[str(t)] = {id(e): st for e, st in zip(live, stats, strict=True)}
+        for e, res in zip(live, results, strict=True):
+            if t == threads[0] and isinstance(e, PeerEngine):
+                e.row.update(e.worker_stats(n_q))
+            if getattr(e, "failed", None):
+                continue
             # the k=100 results of the latency pass must score like the quality pass's
             run100 = {ctx.qids[qi]: dict(h) for qi, h in res[100].items()}
             same = abs(run_quality(ctx, run100)["ndcg@10"] - e.row["ndcg@10"]) < 1e-9
             e.row.setdefault("latency_pass_matches_quality_pass", bool(same))
+    e2e_stats: dict[int, Any] = {}
+    if encoders:
+        live = [e for e in live if not getattr(e, "failed", None)]
+        say(f"end to end: {len(live)} engines x {n_q} queries x k={list(KS)}, "
+            f"{threads[0]} thread(s), encoders {sorted(encoders)}")
+        stats, results = measure_e2e(live, texts, encoders, threads=threads[0], warmup=warmup,
+                                     progress=progress)
+        for e, st, res in zip(live, stats, results, strict=True):
+            run100 = {ctx.qids[qi]: dict(h) for qi, h in res[100].items()}
+            e2e_stats[id(e)] = (st, run_quality(ctx, run100)["ndcg@10"])
+    for e in engines:
+        if isinstance(e, PeerEngine) and not e.failed:
+            ping = e.ping_ms(200)
+            if ping:
+                e.row["pipe_ping_ms_p50"] = float(np.percentile(ping, 50))
+                e.row["pipe_ping_ms_p95"] = float(np.percentile(ping, 95))
     rows = []
-    for i, e in enumerate(engines):
+    for e in engines:
         row = e.row
         if isinstance(e, PlaidEngine):
             row["plaid_search_settings"] = e.search_settings()  # as set by dense_search
         row["threads"] = int(threads[0])
-        row["latency"] = {t: by_threads[t][i] for t in by_threads}
-        first = by_threads[str(threads[0])][i]
+        failed = getattr(e, "failed", None)
+        row["latency"] = ({t: by_threads[t][id(e)] for t in by_threads}
+                          if not failed and all(id(e) in v for v in by_threads.values())
+                          else None)
+        first = by_threads[str(threads[0])].get(id(e)) if not failed else None
         for k in KS:
-            row[f"p50_ms_k{k}"] = first[str(k)]["p50_ms"]
-            row[f"p95_ms_k{k}"] = first[str(k)]["p95_ms"]
+            row[f"p50_ms_k{k}"] = first[str(k)]["p50_ms"] if first else None
+            row[f"p95_ms_k{k}"] = first[str(k)]["p95_ms"] if first else None
+            e2 = e2e_stats.get(id(e)) if not failed else None
+            row[f"e2e_p50_ms_k{k}"] = e2[0][str(k)]["p50_ms"] if e2 else None
+            row[f"e2e_p95_ms_k{k}"] = e2[0][str(k)]["p95_ms"] if e2 else None
+        e2 = e2e_stats.get(id(e)) if not failed else None
+        row["e2e_ndcg@10"] = e2[1] if e2 else None
         # the eval shape's p50/p95 are k=100 searches (as the runner's); from the
         # controlled, interleaved pass (the build-time pass ran unrestricted)
         row["p50_ms"], row["p95_ms"] = row["p50_ms_k100"], row["p95_ms_k100"]
@@ -544,7 +775,11 @@ def run(
             # measured with the latency pass's thread limit (the runner's figure, taken
             # with unrestricted threads, stays in meta as query_encode_ms_runner)
             row["query_encode_ms"] = encode_info["query_encode_ms_p50"]
-        row["build_s_with_encoding"] = row["build_s"] + enc_s if enc_s is not None else None
+        build_s = row.get("build_s")
+        row["build_s_with_encoding"] = (build_s + enc_s if enc_s is not None
+                                        and build_s is not None else None)
+        row.setdefault("encoder_precision", "float32")
+        row.setdefault("error", None)
         if row.get("engine") == "retrieval_prune":
             row.setdefault("nbits", row.get("nbits"))
         rows.append(row)
@@ -561,6 +796,15 @@ def run(
         "n_vectors": int(ctx.docs.n_tokens),
         "colbert_ai": _colbert_version() if nbits else None,
         "colbert_extensions_load_s": ext_s,
+        "max_docs": max_docs,
+        "max_queries": max_queries,
+        "e2e": bool(encoders),
+        "e2e_encoders": {p: getattr(enc, "name", str(enc)) for p, enc in
+                         (encoders or {}).items()},
+        "fast_encoder": fast_encoder if encoders and fast_encoder in encoders else None,
+        "fast_encoder_error": fast_err,
+        "peers": list(peers),
+        "peers_python": str(peers_python or DEFAULT_PEERS_PYTHON) if peers else None,
         "seconds": time.perf_counter() - t_start,
     }
     return {"rows": rows, "meta": meta, "summary": summarize(rows)}
@@ -583,8 +827,14 @@ def summarize(rows: Sequence[dict[str, Any]], *, ref_nbits: int = 2,
         s10 = ref["p50_ms_k10"] / r["p50_ms_k10"]
         s100 = ref["p50_ms_k100"] / r["p50_ms_k100"]
         eligible = r["ndcg@10"] >= ref["ndcg@10"] - tol
+        e2e = {}
+        for k in KS:
+            a, b = ref.get(f"e2e_p50_ms_k{k}"), r.get(f"e2e_p50_ms_k{k}")
+            e2e[f"e2e_speed_ratio_k{k}"] = a / b if a and b else None
         out.append({
             "pipeline": r["pipeline"],
+            "encoder_precision": r.get("encoder_precision", "float32"),
+            **e2e,
             "ndcg@10": r["ndcg@10"],
             "delta_vs_plaid": r["ndcg@10"] - ref["ndcg@10"],
             "quality_ok": bool(eligible),
@@ -608,10 +858,16 @@ def _md_columns() -> list[tuple[str, str, str]]:
     from retrieval_prune.evaluation.report import EVAL_COLUMNS
 
     shared = EVAL_COLUMNS[1 : [c[0] for c in EVAL_COLUMNS].index("build_s") + 1]
-    return [("engine", "engine", "{}"), *shared,
+    return [("engine", "engine", "{}"), shared[0], ("encoder_precision", "queries", "{}"),
+            *shared[1:],
             ("build_s_with_encoding", "build s +enc", "{:.0f}"),
             ("p50_ms_k10", "p50 k10", "{:.2f}"), ("p95_ms_k10", "p95 k10", "{:.2f}"),
             ("p50_ms_k100", "p50 k100", "{:.2f}"), ("p95_ms_k100", "p95 k100", "{:.2f}"),
+            ("e2e_p50_ms_k10", "e2e p50 k10", "{:.2f}"),
+            ("e2e_p95_ms_k10", "e2e p95 k10", "{:.2f}"),
+            ("e2e_p50_ms_k100", "e2e p50 k100", "{:.2f}"),
+            ("e2e_p95_ms_k100", "e2e p95 k100", "{:.2f}"),
+            ("e2e_ndcg@10", "e2e nDCG@10", "{:.4f}"),
             ("peak_rss_mb", "peak MiB", "{:,.0f}")]
 
 
@@ -622,19 +878,36 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
     rows, meta, summ = result["rows"], result["meta"], result["summary"]
     lines = []
     ds = rows[0]["dataset"] if rows else "?"
-    lines.append(f"# retrieval_prune vs colbert-ai PLAID — {ds}\n")
+    peers = meta.get("peers") or []
+    title = "colbert-ai PLAID" if not peers else "PLAID and " + ", ".join(peers)
+    lines.append(f"# retrieval_prune vs {title} — {ds}\n")
     if command:
         lines.append(f"Command:\n\n```\n{command}\n```\n")
     n_q = rows[0]["n_queries"] if rows else 0
+    cut = ""
+    if meta.get("max_docs") or meta.get("max_queries"):
+        cut = (f" **Smoke run on a cut of the dataset** (max_docs={meta.get('max_docs')}, "
+               f"max_queries={meta.get('max_queries')}): not comparable with full runs.")
+    e2e = ""
+    if meta.get("e2e"):
+        e2e = (" `e2e` columns: query text in, ranked ids out — tokenise and encode the "
+               "query alone with our encoder (the one that made the index vectors, "
+               f"{meta['threads'][0]} thread; every engine gets the same encoder, so "
+               "engines that take vectors pay the same encoding), then that engine's "
+               "search; interleaved query by query as well; `e2e nDCG@10` scores those "
+               "results (k=100). The `queries` column names the encoder precision: "
+               "`int8-onnx` rows search the same index with int8 ONNX query vectors.")
     lines.append(
         f"{rows[0]['n_docs'] if rows else 0} documents ({meta['n_vectors']:,} vectors), "
         f"{n_q} queries, encoder `{rows[0]['encoder'] if rows else ''}` "
         f"(checkpoint `{rows[0]['checkpoint'] if rows else ''}`); exact MaxSim nDCG@10 "
-        f"{meta['exact_ndcg@10']:.4f}. Both engines index the same cached document vectors "
-        f"and search with the same query vectors. Latency: one query at a time, "
-        f"{meta['threads'][0]} thread(s) (torch, Numba, BLAS, OpenMP), engines interleaved "
-        f"query by query in one process after {meta['warmup_queries']} warm-up queries; "
-        f"query encoding excluded. `p50_ms`/`p95_ms` in the JSON are the k=100 columns.\n")
+        f"{meta['exact_ndcg@10']:.4f}.{cut} All engines index the same cached document "
+        f"vectors and search with the same query vectors. Latency: one query at a time, "
+        f"{meta['threads'][0]} thread(s) (torch, Numba, BLAS, OpenMP; the peers' workers "
+        f"always one), engines interleaved query by query in one process after "
+        f"{meta['warmup_queries']} warm-up queries; search-only columns exclude query "
+        f"encoding.{e2e} `p50_ms`/`p95_ms` in the JSON are the k=100 search-only "
+        f"columns.\n")
     lines.append(format_table([{**r, "pipeline": _md(r["pipeline"])} for r in rows], _md_columns()))
     lines.append("")
     if len(meta["threads"]) > 1:
@@ -644,6 +917,8 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
         lines.append(head)
         lines.append("|---|---|" + "---:|" * (len(meta["threads"]) * len(KS)))
         for r in rows:
+            if not r.get("latency"):
+                continue
             cells = [f"{r['latency'][str(t)][str(k)]['p50_ms']:.2f} / "
                      f"{r['latency'][str(t)][str(k)]['p95_ms']:.2f}"
                      for t in meta["threads"] for k in KS]
@@ -654,15 +929,20 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
                      f"quality ok = nDCG@10 at least theirs − {summ['tolerance']}; target: "
                      f"≥ 2x smaller and ≥ 3x faster at p50:\n")
         lines.append("| pipeline | nDCG@10 | Δ vs PLAID | quality ok | x smaller | "
-                     "x faster k=10 | x faster k=100 | target k=10 | target k=100 |")
-        lines.append("|---|---:|---:|---|---:|---:|---:|---|---|")
+                     "x faster k=10 | x faster k=100 | target k=10 | target k=100 | "
+                     "x faster e2e k=10 | x faster e2e k=100 |")
+        lines.append("|---|---:|---:|---|---:|---:|---:|---|---|---:|---:|")
         for s in summ["rows"]:
+            prec = s.get("encoder_precision", "float32")
+            label = _md(s["pipeline"]) + ("" if prec == "float32" else f" ({prec} queries)")
+            e2e_cells = " | ".join("" if s.get(f"e2e_speed_ratio_k{k}") is None
+                                   else f"{s[f'e2e_speed_ratio_k{k}']:.2f}" for k in KS)
             lines.append(
-                f"| {_md(s['pipeline'])} | {s['ndcg@10']:.4f} | {s['delta_vs_plaid']:+.4f} | "
+                f"| {label} | {s['ndcg@10']:.4f} | {s['delta_vs_plaid']:+.4f} | "
                 f"{'yes' if s['quality_ok'] else 'no'} | {s['size_ratio']:.2f} | "
                 f"{s['speed_ratio_k10']:.2f} | {s['speed_ratio_k100']:.2f} | "
                 f"{'met' if s['meets_target_k10'] else 'missed'} | "
-                f"{'met' if s['meets_target_k100'] else 'missed'} |")
+                f"{'met' if s['meets_target_k100'] else 'missed'} | {e2e_cells} |")
         lines.append("")
     enc = meta.get("doc_encoding")
     if enc:
@@ -685,7 +965,48 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
                         f"{v['centroid_score_threshold']}, ndocs={v['ndocs']}"
                         for k, v in st.items())
             + ". Bytes/doc: every file of its index folder.\n")
+    peer_rows = [r for r in rows if r.get("engine") not in ("retrieval_prune", "plaid")]
+    if peer_rows:
+        lines.append(_peers_markdown(peer_rows, meta))
     return "\n".join(lines) + "\n"
+
+
+def _peers_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The peers' own paragraph: versions, settings, the worker's clock, the pipe's cost."""
+    out = [
+        f"Peers: each in a worker process of `{meta.get('peers_python')}` "
+        "(`retrieval_prune/evaluation/peer_worker.py`; its own environment, torch 2.11, "
+        "made by `make peers`), fed the same document vectors (built with every CPU) and "
+        "searched in a one-thread worker (OpenMP, MKL, Rayon, torch limited to 1) over a "
+        "pipe (JSON header + raw `.npy` bytes). Their latency columns are the client's "
+        "wall time of the whole round trip; `worker` is the worker's own clock around the "
+        "search call, `pipe` the p50 of round trip minus worker time, `ping` the p50 "
+        "round trip of a no-op request. Bytes/doc: every file of the index folder.\n",
+        "| engine | pipeline | settings | version | partitions | worker p50 k10 | "
+        "worker p50 k100 | pipe p50 k10 | pipe p50 k100 | ping p50 | search settings | "
+        "error |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+
+    def f(v: Any, fmt: str = "{:.3f}") -> str:
+        return "" if v is None else fmt.format(v)
+
+    for r in rows:
+        ss = r.get("peer_search_settings") or {}
+        sset = "; ".join(f"k={k}: " + ", ".join(f"{a}={b}" for a, b in v.items())
+                         for k, v in ss.items()) or "its defaults"
+        cfg = r.get("peer_settings") or {}
+        given = ", ".join(f"{a}={b}" for part in ("create", "search")
+                          for a, b in (cfg.get(part) or {}).items())
+        err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:300]
+        out.append(
+            f"| {r['engine']} | {_md(r['pipeline'])} | {r.get('peer_settings_kind', '')}"
+            f"{' (' + given + ')' if given else ''} | {r.get('peer_version') or ''} | "
+            f"{f(r.get('num_partitions'), '{}')} | {f(r.get('worker_p50_ms_k10'), '{:.2f}')} | "
+            f"{f(r.get('worker_p50_ms_k100'), '{:.2f}')} | "
+            f"{f(r.get('pipe_overhead_ms_p50_k10'))} | {f(r.get('pipe_overhead_ms_p50_k100'))} | "
+            f"{f(r.get('pipe_ping_ms_p50'))} | {sset} | {err} |")
+    return "\n".join(out) + "\n"
 
 
 # -- command line ----------------------------------------------------------------------
@@ -707,21 +1028,55 @@ def add_arguments(p: Any, *, with_data: bool = True) -> None:
     p.add_argument("--warmup", type=int, default=10, help="warm-up queries per engine and k")
     p.add_argument("--encode-sample", type=int, default=64,
                    help="documents encoded to estimate corpus encoding time (0: skip)")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N",
+                   help="smoke runs only: the first N documents plus every judged one")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="smoke runs only: the first N judged queries")
+    p.add_argument("--no-e2e", action="store_true",
+                   help="skip the end-to-end pass (query text in, ranked ids out)")
+    p.add_argument("--fast-encoder", default="int8-onnx", metavar="PRECISION",
+                   help="query encoder precision of the extra row of our first pipeline "
+                        "(default int8-onnx; 'none': no such row)")
+    from retrieval_prune.evaluation.peers import DEFAULT_PEERS, DEFAULT_PEERS_PYTHON
+
+    p.add_argument("--peers", nargs="*", default=None, choices=[*DEFAULT_PEERS, "exact"],
+                   help="bench peers: the Rust peers to add (default: "
+                        f"{' '.join(DEFAULT_PEERS)}; 'exact' = numpy MaxSim in a worker)")
+    p.add_argument("--peers-python", default=DEFAULT_PEERS_PYTHON, metavar="PATH",
+                   help="bench peers: the python of the peers' environment (make peers; "
+                        f"default {DEFAULT_PEERS_PYTHON})")
+    p.add_argument("--peer-nbits", type=int, nargs="*", default=[2, 4], choices=[1, 2, 4],
+                   help="bench peers: nbits of the rows matched to ours, besides each peer's "
+                        "defaults (default 2 4; 4 is both peers' default)")
 
 
-def run_from_args(args: Any, command: str, *, threads: Sequence[int]) -> int:
-    """Run from parsed options; print the table; write ``--json`` / ``--markdown``."""
+def run_from_args(args: Any, command: str, *, threads: Sequence[int],
+                  with_peers: bool = False) -> int:
+    """Run from parsed options; print the table; write ``--json`` / ``--markdown``.
+    ``with_peers`` (``bench peers``): add the Rust peers (``--peers``)."""
     import json
 
+    from retrieval_prune.evaluation.peers import DEFAULT_PEERS
+
+    what = "peers" if with_peers else "plaid"
     if not args.data:
-        raise ValueError("bench plaid needs --data NAME (e.g. --data scifact)")
+        raise ValueError(f"bench {what} needs --data NAME (e.g. --data scifact)")
     nbits = DEFAULT_NBITS if args.nbits is None else tuple(args.nbits)
     if nbits:
         require_colbert()
+    peers: tuple[str, ...] = ()
+    if with_peers:
+        peers = DEFAULT_PEERS if args.peers is None else tuple(args.peers)
+    elif args.peers:
+        raise ValueError("--peers belongs to 'bench peers' (bench plaid runs PLAID only)")
+    fast = None if str(args.fast_encoder).lower() == "none" else args.fast_encoder
     result = run(args.data, checkpoint=args.checkpoint, split=args.split,
                  pipelines=tuple(args.pipeline or DEFAULT_PIPELINES), nbits=nbits,
                  threads=tuple(threads), scratch=args.scratch, warmup=args.warmup,
-                 encode_sample=args.encode_sample, progress=not getattr(args, "quiet", False))
+                 encode_sample=args.encode_sample, progress=not getattr(args, "quiet", False),
+                 peers=peers, peers_python=args.peers_python, peer_nbits=tuple(args.peer_nbits),
+                 max_docs=args.max_docs, max_queries=args.max_queries, e2e=not args.no_e2e,
+                 fast_encoder=fast)
     result["meta"]["command"] = command
     md = format_markdown(result, command)
     print(md)
