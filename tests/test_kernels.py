@@ -29,10 +29,24 @@ def assert_search_close(s, i, q, qoff, d, off, alive=None):
         naive.assert_topk_close(s[r], i[r], exact, naive.maxsim_bound(qq, d, off), alive)
 
 
-# awkward document lengths: empty, one token, a partial block of 4, long ones
+# awkward document lengths: empty, one token, partial blocks of 4 and 6, long ones
 LENGTHS = [0, 1, 2, 3, 5, 7, 8, 9, 0, 16, 17, 31, 33, 1, 4, 64]
 
+#: the register-blocking variants of the float kernels (kernels/simd.py). Both are plain
+#: LLVM IR that runs on any x86-64 CPU (they differ in speed only), so both are tested on
+#: every host; only the VNNI and AVX2 integer kernels need their instructions (skipped
+#: where the host lacks them).
+ISAS = ["avx2", "avx512"]
 
+
+@pytest.fixture(params=ISAS)
+def each_isa(request):
+    """Run the test once per kernel variant (through ``ops.isa_variant``)."""
+    with ops.isa_variant(request.param):
+        yield request.param
+
+
+@pytest.mark.usefixtures("each_isa")
 @pytest.mark.parametrize("dim", [8, 128, 384])
 @pytest.mark.parametrize("nq", [1, 5, 16, 17, 32, 33])
 def test_maxsim_scores_vs_naive(dim, nq):
@@ -51,6 +65,7 @@ def test_maxsim_scores_vs_naive(dim, nq):
     np.testing.assert_array_equal(rr, exp)
 
 
+@pytest.mark.usefixtures("each_isa")
 @pytest.mark.parametrize("dim", [16, 128, 384])
 def test_maxsim_search_vs_naive(dim):
     rng = np.random.default_rng(dim)
@@ -104,6 +119,7 @@ def test_maxsim_search_alive_mask_and_ties():
     np.testing.assert_array_equal(i3, i2)
 
 
+@pytest.mark.usefixtures("each_isa")
 def test_maxsim_duplicate_and_zero_vectors():
     rng = np.random.default_rng(3)
     v = rng.standard_normal((1, 24)).astype(np.float32)
@@ -225,7 +241,115 @@ def test_code_validation():
         ops.maxsim_code_scores(np.zeros((10, 2), np.float32), codes, np.array([0, 2]))
 
 
+# ---- the score table (both variants; the int8 kernels) ---------------------------------
+def _isa_code(name):
+    from retrieval_prune.kernels import simd
+
+    return simd.ISA_AVX2 if name == "avx2" else simd.ISA_AVX512
+
+
+# K: partial blocks of 2, 3, 4, 6 and 8 rows and a chunked table (K >= 512)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dim", [8, 24, 128, 384])
+@pytest.mark.parametrize("k", [1, 5, 7, 13, 515])
+def test_score_table_f32_both_variants(isa, dim, k):
+    from retrieval_prune.kernels.codes import centroid_table_kernel
+    from retrieval_prune.kernels.ops import _pack
+
+    rng = np.random.default_rng(dim * 1000 + k)
+    c = rng.standard_normal((k, dim)).astype(np.float32)
+    for n_q in (1, 16, 17, 48):
+        q = rng.standard_normal((n_q, dim)).astype(np.float32)
+        qp = _pack(q, np.array([0, n_q], np.int64))[0]
+        nv = -(-n_q // 16)
+        out = np.full((k, nv * 16), np.nan, np.float32)
+        centroid_table_kernel(qp, nv, dim, c.reshape(-1), k, out.reshape(-1), _isa_code(isa))
+        naive.assert_dot_close(out[:, :n_q], c, q)  # tolerance from the operands
+        assert np.all(out[:, n_q:] == 0)  # padding lanes are zero
+
+
+def _int8_inputs(rng, n_q, k, dim):
+    from retrieval_prune.compress.kmeans import _quantize_int8
+    from retrieval_prune.kernels import codes as ck
+    from retrieval_prune.kernels.ops import _pack
+
+    q = rng.standard_normal((n_q, dim)).astype(np.float32)
+    c8, scale = _quantize_int8(rng.standard_normal((k, dim)).astype(np.float32))
+    c8[0, : min(3, dim)] = -128  # not made by _quantize_int8, but a valid int8 codebook
+    qp = _pack(q, np.array([0, n_q], np.int64))[0]
+    nv = -(-n_q // 16)
+    q8f, qs = np.empty_like(qp), np.empty(nv * 16, np.float32)
+    ck.quantize_query_i8(qp, nv, dim, q8f, np.empty(0, np.uint8), qs)
+    return qp, nv, c8, scale, q8f, qs
+
+
+@pytest.mark.parametrize("dim", [2, 6, 24, 128, 130, 384])
+@pytest.mark.parametrize("k", [1, 3, 65, 515])
+def test_int8_table_kernels_agree_bit_for_bit(dim, k):
+    """The int8 table's integer dot products are exact in every kernel, so the portable
+    kernel (both variants), the AVX2 ``vpmaddwd`` kernel (where the host has AVX2) and the
+    dispatching wrapper give the same float32 table, equal to NumPy's integer products
+    scaled the same way."""
+    from retrieval_prune.kernels import codes as ck
+    from retrieval_prune.kernels.simd import HAS_AVX2
+
+    rng = np.random.default_rng(dim * 7 + k)
+    for n_q in (1, 16, 17, 48):
+        qp, nv, c8, scale, q8f, qs = _int8_inputs(rng, n_q, k, dim)
+        tables = []
+        for isa in ISAS:
+            t = np.full((k, nv * 16), np.nan, np.float32)
+            ck.centroid_table_i8_kernel(q8f, nv, dim, c8.reshape(-1), qs, scale, k,
+                                        t.reshape(-1), _isa_code(isa))  # fmt: skip
+            tables.append(t)
+        np.testing.assert_array_equal(tables[0], tables[1])
+        # exact integer dots (< 2**24); (qs * scale) and the product round once each
+        q8 = q8f.reshape(nv, dim, 16).transpose(0, 2, 1).reshape(nv * 16, dim)[:n_q]
+        dots = c8.astype(np.int64) @ q8.astype(np.int64).T
+        want = dots.astype(np.float32) * (qs[None, :n_q] * scale[:, None])
+        np.testing.assert_allclose(tables[0][:, :n_q], want, rtol=2 * naive.EPS32, atol=0)
+        assert np.all(tables[0][:, n_q:] == 0)
+        corr = (-128 * c8.astype(np.int32).sum(axis=1)).astype(np.int32)
+        for isa in ISAS:
+            got = np.full_like(tables[0], np.nan)
+            ck.centroid_table_i8(qp, nv, dim, c8.reshape(-1), corr, scale, k, got.reshape(-1),
+                                 _isa_code(isa))  # fmt: skip
+            np.testing.assert_array_equal(got, tables[0])
+        if not HAS_AVX2:
+            continue
+        got = np.full_like(tables[0], np.nan)
+        ck.centroid_table_i8_avx2_kernel(ck._pairs16(q8f, nv, dim), nv, dim, c8.reshape(-1),
+                                         qs, scale, k, got.reshape(-1))  # fmt: skip
+        np.testing.assert_array_equal(got, tables[0])
+
+
+def test_int8_table_path_follows_the_host():
+    from retrieval_prune.kernels import codes as ck
+    from retrieval_prune.kernels.simd import HAS_AVX2, HAS_VNNI
+
+    for dim in (24, 128, 384):
+        want = "vnni" if HAS_VNNI else ("avx2" if HAS_AVX2 else "portable")
+        assert ck.int8_table_path(dim) == want
+        # the AVX2 variant never takes the AVX-512 VNNI kernel
+        assert ck.int8_table_path(dim, _isa_code("avx2")) == ("avx2" if HAS_AVX2 else "portable")
+    assert ck.int8_table_path(7) == "portable"  # odd dims: no int16 pairs
+
+
+def test_isa_variant_switch_and_errors():
+    before = ops.current_isa()
+    with ops.isa_variant("avx512"):
+        assert ops.current_isa() == "avx512"
+        with ops.isa_variant("avx2"):
+            assert ops.current_isa() == "avx2"
+        assert ops.current_isa() == "avx512"
+    assert ops.current_isa() == before
+    with pytest.raises(ValueError, match="avx2"):
+        with ops.isa_variant("sse"):
+            pass
+
+
 # ---- residuals ------------------------------------------------------------------------
+@pytest.mark.usefixtures("each_isa")
 @pytest.mark.parametrize("nbits", [1, 2, 4])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dim", [32, 24])  # 16-lane decode, and the per-byte one (24 % 16)
@@ -395,14 +519,20 @@ def test_hamming_scan_128_vs_naive(n):
 @pytest.mark.slow
 def test_bench_kernels_json_shape():
     from retrieval_prune.evaluation import bench_kernels
-    from retrieval_prune.kernels.simd import HAS_VNNI
+    from retrieval_prune.kernels.simd import HAS_AVX2, HAS_VNNI, ISA_NAME
 
-    names = ["maxsim_f32", "score_table_f32", "score_table_i8"]
+    names = ["maxsim_f32", "score_table_f32", "score_table_i8", "score_table_i8_d384"]
     res = bench_kernels.run(threads=(1,), n_docs=64, progress=False, kernels=names)
     assert set(res) == {"machine", "roofs", "kernels"}
     roofs = {"sgemm_gflops", "read_gbps"} | ({"vnni_gops"} if HAS_VNNI else set())
+    roofs |= {"avx2_i8_gops", "avx2_i16_gops"} if HAS_AVX2 else set()
     assert set(res["roofs"]["1"]) == roofs
-    for name, unit in zip(names, ["GFLOP/s", "GFLOP/s", "GOP/s"], strict=True):
+    # the CPU's features and the variant the run measured are recorded
+    kern = res["machine"]["kernels"]
+    assert kern["isa"] == ISA_NAME
+    assert {"avx2", "fma", "avx512f", "avx512vnni"} <= set(kern["flags"])
+    assert "cpu_model" in res["machine"]
+    for name, unit in zip(names, ["GFLOP/s", "GFLOP/s", "GOP/s", "GOP/s"], strict=True):
         row = res["kernels"][name]["1"]
         assert set(row) == {"throughput", "unit", "ratio_to_roof"} and row["unit"] == unit
         assert row["throughput"] > 0 and row["ratio_to_roof"] > 0

@@ -1,9 +1,16 @@
-"""The portable kernels, tested on purpose on every host.
+"""The portable kernels and the other instruction-set variant, tested on purpose on every
+host.
 
 ``RETRIEVAL_PRUNE_VNNI=0`` turns the AVX-512 VNNI int8 table off; the flag is read once,
 when ``retrieval_prune.kernels.simd`` is imported (``HAS_VNNI``), so the kernel tests run
 again in a child interpreter with it set. On a host without VNNI this is the path the
 default run takes anyway; on a VNNI host it is the only run of the portable dispatch.
+
+``RETRIEVAL_PRUNE_ISA`` forces the kernels' register-blocking variant, also read once at
+import: the kernel and index tests run again with the variant this host would not pick
+(AVX-512 blocking on an AVX2 host, AVX2 blocking on an AVX-512 one), so the defaults the
+index code reaches the kernels with are exercised for both. Either variant is plain LLVM
+IR and runs on any x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +23,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: the tests of the float32 / int8 kernels (the int8 table's dispatch included)
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_ivf.py"]
+
+
+def _probe(env: dict, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_isa_override_is_read_at_import_and_checked():
+    code = (
+        "from retrieval_prune.kernels import simd, ops; "
+        "print(simd.ISA_NAME, ops.current_isa(), simd.HAS_VNNI, simd.cpu_features()['isa'])"
+    )
+    for name in ("avx2", "avx512"):
+        probe = _probe({**os.environ, "RETRIEVAL_PRUNE_ISA": name}, code)
+        assert probe.returncode == 0, probe.stderr
+        isa, current, vnni, recorded = probe.stdout.split()
+        assert isa == current == recorded == name
+        if name == "avx2":
+            assert vnni == "False"  # forcing AVX2 also leaves the AVX-512 VNNI table out
+    bad = _probe({**os.environ, "RETRIEVAL_PRUNE_ISA": "avx1024"}, code)
+    assert bad.returncode != 0 and "RETRIEVAL_PRUNE_ISA='avx1024'" in bad.stderr
+
+
+def test_kernel_and_index_tests_pass_with_the_other_isa_variant():
+    """The kernels (and the index code, which calls them with their import-time default)
+    under the variant this host does not choose by itself."""
+    from retrieval_prune.kernels.simd import ISA_NAME
+
+    other = "avx512" if ISA_NAME == "avx2" else "avx2"
+    env = {**os.environ, "RETRIEVAL_PRUNE_ISA": other}
+    tests = [*KERNEL_TESTS, "tests/test_compressed_index.py"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
 
 
 def test_kernel_tests_pass_with_vnni_disabled():

@@ -31,8 +31,16 @@ from collections.abc import Callable, Sequence
 import numba
 import numpy as np
 
-from retrieval_prune.kernels.bench import add_chain, sum_u64, vnni_chain
-from retrieval_prune.kernels.simd import HAS_VNNI
+from retrieval_prune.kernels.bench import (
+    _i8_chain1,
+    _i16_chain1,
+    add_chain,
+    avx2_i8_chain,
+    avx2_i16_chain,
+    sum_u64,
+    vnni_chain,
+)
+from retrieval_prune.kernels.simd import HAS_AVX2, HAS_VNNI, cpu_features
 
 __all__ = ["run", "main", "machine_info"]
 
@@ -159,6 +167,26 @@ def roof_vnni(t: int) -> float:
     vnni_chain(100, t)
     dt = _best_time(lambda: vnni_chain(n, t), repeats=10, min_total=0.3)
     return 2.0 * 64 * 12 * n * t / dt / 1e9
+
+
+def roof_avx2_int8(t: int) -> tuple[float, float]:
+    """Peak GOP/s (2 per multiply-add) on ``t`` threads of the AVX2 int8 instructions, 12
+    independent register chains each, no memory traffic (AVX2 hosts): ``vpmaddubsw`` +
+    ``vpmaddwd`` + ``vpaddd`` (32 int8 multiply-adds: the int8 roof without VNNI) and
+    ``vpmaddwd`` + ``vpaddd`` (16 int16 multiply-adds: the AVX2 int8 table's own
+    instructions). For one thread the chains also run outside a parallel region (a
+    prange body measured up to 1/3 lower here) and the higher figure counts."""
+    numba.set_num_threads(t)
+    n = 200_000
+    out = []
+    for chain, one, macs in ((avx2_i8_chain, _i8_chain1, 32), (avx2_i16_chain, _i16_chain1, 16)):
+        chain(100, t)
+        dt = _best_time(lambda c=chain: c(n, t), repeats=10, min_total=0.3)
+        if t == 1:
+            one(100, 0)
+            dt = min(dt, _best_time(lambda o=one: o(n, 0), repeats=10, min_total=0.3))
+        out.append(2.0 * macs * 12 * n * t / dt / 1e9)
+    return out[0], out[1]
 
 
 def clock_ghz(t: int) -> float:
@@ -308,36 +336,48 @@ def bench_maxsim_residual(data: _Data, t: int, roof: dict) -> Result:
 TABLE_CENTROIDS = 16384  # the codebook of the SciFact `default` index (k_scale=2)
 
 
-def _table_data(data: _Data):
+def _table_data(data: _Data, dim: int = DIM):
     def build():
         from retrieval_prune.compress.kmeans import _quantize_int8
         from retrieval_prune.kernels.ops import _pack
 
-        cent = _normed(data.rng, TABLE_CENTROIDS, DIM)
+        cent = _normed(data.rng, TABLE_CENTROIDS, dim)
         c8, scale = _quantize_int8(cent)
-        q, qoff = data.queries(1)
-        qp = _pack(q, qoff)[0]
+        q = _normed(data.rng, NQ, dim)
+        qp = _pack(q, np.array([0, NQ], np.int64))[0]
         corr = (-128 * c8.astype(np.int32).sum(axis=1)).astype(np.int32)
         return cent.reshape(-1), c8.reshape(-1), scale, corr, qp
 
-    return data.get("table", build)
+    return data.get(f"table{dim}", build)
 
 
-def _bench_table(data: _Data, int8: bool) -> float:
+def _bench_table(data: _Data, int8: bool, dim: int = DIM) -> float:
     from retrieval_prune.kernels.codes import centroid_table_i8, centroid_table_kernel
 
-    cent, c8, scale, corr, qp = _table_data(data)
+    cent, c8, scale, corr, qp = _table_data(data, dim)
     nv = -(-NQ // 16)
     out = np.empty(TABLE_CENTROIDS * nv * 16, np.float32)
     if int8:
+
         def go():
-            centroid_table_i8(qp, nv, DIM, c8, corr, scale, TABLE_CENTROIDS, out)
+            centroid_table_i8(qp, nv, dim, c8, corr, scale, TABLE_CENTROIDS, out)
     else:
+
         def go():
-            centroid_table_kernel(qp, nv, DIM, cent, TABLE_CENTROIDS, out)
+            centroid_table_kernel(qp, nv, dim, cent, TABLE_CENTROIDS, out)
+
     go()
     dt = _best_time(go, repeats=20, min_total=0.5)
-    return 2.0 * NQ * DIM * TABLE_CENTROIDS / dt / 1e9
+    return 2.0 * NQ * dim * TABLE_CENTROIDS / dt / 1e9
+
+
+def _int8_roof(dim: int) -> Callable[[dict], float]:
+    """The roof of the int8 table kernel that runs for ``dim`` on this host: ``vpdpbusd``
+    (VNNI), the AVX2 ``vpmaddubsw`` chain, or sgemm (the portable float32 kernel)."""
+    from retrieval_prune.kernels.codes import int8_table_path
+
+    key = {"vnni": "vnni_gops", "avx2": "avx2_i8_gops"}.get(int8_table_path(dim))
+    return lambda r: r[key] if key in r else r["sgemm_gflops"]
 
 
 def bench_score_table_f32(data: _Data, t: int, roof: dict) -> Result:
@@ -349,8 +389,19 @@ def bench_score_table_f32(data: _Data, t: int, roof: dict) -> Result:
 def bench_score_table_i8(data: _Data, t: int, roof: dict) -> Result:
     """The same table from an int8 codebook with the query quantised per token (the
     ``centroid_bits=8`` path), GOP/s with 2 per multiply-add; roof: the register-only
-    ``vpdpbusd`` peak where the CPU has VNNI, else sgemm (the portable kernel)."""
-    return _bench_table(data, True), "GOP/s", lambda r: r.get("vnni_gops", r["sgemm_gflops"])
+    ``vpdpbusd`` peak where the CPU has VNNI, the AVX2 ``vpmaddubsw`` + ``vpmaddwd`` peak
+    where it has AVX2, else sgemm (the portable kernel)."""
+    return _bench_table(data, True), "GOP/s", _int8_roof(DIM)
+
+
+def bench_score_table_f32_d384(data: _Data, t: int, roof: dict) -> Result:
+    """:func:`bench_score_table_f32` at d=384 (the zero-shot MiniLM width: 3x the work)."""
+    return _bench_table(data, False, 384), "GFLOP/s", lambda r: r["sgemm_gflops"]
+
+
+def bench_score_table_i8_d384(data: _Data, t: int, roof: dict) -> Result:
+    """:func:`bench_score_table_i8` at d=384."""
+    return _bench_table(data, True, 384), "GOP/s", _int8_roof(384)
 
 
 # ---- sign bits ------------------------------------------------------------------------
@@ -446,6 +497,8 @@ BENCHES: dict[str, Callable[[_Data, int, dict], Result]] = {
     "maxsim_residual": bench_maxsim_residual,
     "score_table_f32": bench_score_table_f32,
     "score_table_i8": bench_score_table_i8,
+    "score_table_f32_d384": bench_score_table_f32_d384,
+    "score_table_i8_d384": bench_score_table_i8_d384,
     "maxsim_binary": bench_maxsim_binary,
     "maxsim_binary_asym": bench_maxsim_binary_asym,
     "hamming_scan_128": bench_hamming_scan_128,
@@ -467,6 +520,8 @@ def _measure_roofs(t: int, rng: np.random.Generator, big: np.ndarray) -> dict:
     }
     if HAS_VNNI:
         roofs["vnni_gops"] = roof_vnni(t)
+    if HAS_AVX2:
+        roofs["avx2_i8_gops"], roofs["avx2_i16_gops"] = roof_avx2_int8(t)
     numba.set_num_threads(t)
     return roofs
 
@@ -519,6 +574,8 @@ def run(
 
     prev_threads = numba.get_num_threads()
     machine = machine_info()
+    # the kernel variant and int8 path this run measured, and the flags they came from
+    machine["kernels"] = cpu_features()
     machine["data"] = "synthetic: normalised standard-normal vectors, seeded"
     machine["workload"] = {
         "query_tokens": NQ,
@@ -527,6 +584,8 @@ def run(
         "n_docs": n_docs,
         "maxsim_batch_queries": MAXSIM_BATCH,
         "centroids": K_CENTROIDS,
+        "table_centroids": TABLE_CENTROIDS,
+        "table_dims": [DIM, 384],
         "hamming_codes": N_HAMMING,
     }
     machine["clock_ghz_est"] = {}
@@ -555,7 +614,8 @@ def run(
             again = _measure_roofs(t, rng, big)
             roof = {m: max(roof[m], again[m]) for m in roof}
             machine["clock_ghz_est"][key] = roof["clock_ghz"]
-            out["roofs"][key] = {m: roof[m] for m in ("sgemm_gflops", "read_gbps", "vnni_gops") if m in roof}
+            kept = ("sgemm_gflops", "read_gbps", "vnni_gops", "avx2_i8_gops", "avx2_i16_gops")
+            out["roofs"][key] = {m: roof[m] for m in kept if m in roof}
             say(f"  best roofs: sgemm {roof['sgemm_gflops']:.1f}, read {roof['read_gbps']:.1f}")
             for name, (thr, unit, bound) in results.items():
                 ratio = thr / bound(roof)

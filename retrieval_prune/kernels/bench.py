@@ -1,8 +1,11 @@
 """Kernels of the benchmark's measuring instruments (:mod:`retrieval_prune.evaluation.bench_kernels`).
 
 ``sum_u64`` reads an array as fast as the machine allows (the read-bandwidth roof),
-``add_chain`` times a dependent float64 add chain (the clock estimate) and ``vnni_chain``
-runs independent ``vpdpbusd`` chains in registers (the int8 roof; AVX-512 VNNI hosts only).
+``add_chain`` times a dependent float64 add chain (the clock estimate), ``vnni_chain``
+runs independent ``vpdpbusd`` chains in registers (the int8 roof; AVX-512 VNNI hosts only)
+and ``avx2_i8_chain`` / ``avx2_i16_chain`` the AVX2 int8 instructions the same way
+(``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``: the int8 roof without VNNI; ``vpmaddwd`` +
+``vpaddd``: what the AVX2 int8 table kernel issues).
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._config import NJIT_PARALLEL
-from .simd import vadd, vdpbusd, vhadd, vload, vsplat
+from ._config import NJIT, NJIT_PARALLEL
+from .simd import vadd, vbitcast, vdpbusd, vhadd, vload, vmaddubsw, vmaddwd, vmaddwd1, vsplat
 
-__all__ = ["sum_u64", "add_chain", "vnni_chain"]
+__all__ = ["sum_u64", "add_chain", "vnni_chain", "avx2_i8_chain", "avx2_i16_chain"]
 
 
 @njit(**NJIT_PARALLEL)
@@ -80,4 +83,105 @@ def vnni_chain(n, n_threads):
         s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(a4, a5))
         s = vadd(s, vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(b4, b5)))
         total += vhadd(s)
+    return total
+
+
+@njit(inline="always", **NJIT)
+def _ubsw(a, y):
+    # the products read the accumulator itself, so no two chains compute the same value
+    # (identical products would be computed once)
+    return vadd(a, vmaddwd1(vmaddubsw(vbitcast(a, y), y)))
+
+
+@njit(inline="always", **NJIT)
+def _wd(a, y):
+    return vadd(a, vmaddwd(vbitcast(a, y), y))
+
+
+@njit(**NJIT)
+def _i8_chain1(n, th):
+    y = vsplat(np.int8(3), 32)
+    # distinct starting values: equal chains could be merged into one by the compiler
+    a0 = vsplat(np.int32(th + 1), 8)
+    a1 = vsplat(np.int32(th + 2), 8)
+    a2 = vsplat(np.int32(th + 3), 8)
+    a3 = vsplat(np.int32(th + 4), 8)
+    a4 = vsplat(np.int32(th + 5), 8)
+    a5 = vsplat(np.int32(th + 6), 8)
+    b0 = vsplat(np.int32(th + 7), 8)
+    b1 = vsplat(np.int32(th + 8), 8)
+    b2 = vsplat(np.int32(th + 9), 8)
+    b3 = vsplat(np.int32(th + 10), 8)
+    b4 = vsplat(np.int32(th + 11), 8)
+    b5 = vsplat(np.int32(th + 12), 8)
+    for _ in range(n):
+        a0 = _ubsw(a0, y)
+        a1 = _ubsw(a1, y)
+        a2 = _ubsw(a2, y)
+        a3 = _ubsw(a3, y)
+        a4 = _ubsw(a4, y)
+        a5 = _ubsw(a5, y)
+        b0 = _ubsw(b0, y)
+        b1 = _ubsw(b1, y)
+        b2 = _ubsw(b2, y)
+        b3 = _ubsw(b3, y)
+        b4 = _ubsw(b4, y)
+        b5 = _ubsw(b5, y)
+    s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(a4, a5))
+    return vhadd(vadd(s, vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(b4, b5))))
+
+
+@njit(**NJIT)
+def _i16_chain1(n, th):
+    y = vsplat(np.int16(3), 16)
+    # distinct starting values: equal chains could be merged into one by the compiler
+    a0 = vsplat(np.int32(th + 1), 8)
+    a1 = vsplat(np.int32(th + 2), 8)
+    a2 = vsplat(np.int32(th + 3), 8)
+    a3 = vsplat(np.int32(th + 4), 8)
+    a4 = vsplat(np.int32(th + 5), 8)
+    a5 = vsplat(np.int32(th + 6), 8)
+    b0 = vsplat(np.int32(th + 7), 8)
+    b1 = vsplat(np.int32(th + 8), 8)
+    b2 = vsplat(np.int32(th + 9), 8)
+    b3 = vsplat(np.int32(th + 10), 8)
+    b4 = vsplat(np.int32(th + 11), 8)
+    b5 = vsplat(np.int32(th + 12), 8)
+    for _ in range(n):
+        a0 = _wd(a0, y)
+        a1 = _wd(a1, y)
+        a2 = _wd(a2, y)
+        a3 = _wd(a3, y)
+        a4 = _wd(a4, y)
+        a5 = _wd(a5, y)
+        b0 = _wd(b0, y)
+        b1 = _wd(b1, y)
+        b2 = _wd(b2, y)
+        b3 = _wd(b3, y)
+        b4 = _wd(b4, y)
+        b5 = _wd(b5, y)
+    s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(a4, a5))
+    return vhadd(vadd(s, vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(b4, b5))))
+
+
+# the chains run in their own (non-parallel) functions: inside a prange body the same
+# loop measured ~0.6x (its vectors did not all stay in registers)
+@njit(**NJIT_PARALLEL)
+def avx2_i8_chain(n, n_threads):
+    """12 independent chains per thread of ``vpmaddubsw`` + ``vpmaddwd`` (by ones) +
+    ``vpaddd`` on 256-bit registers: 32 int8 multiply-adds per step, the AVX2 form of
+    ``vpdpbusd`` (AVX2 hosts only)."""
+    total = 0
+    for th in prange(n_threads):
+        total += _i8_chain1(n, th)
+    return total
+
+
+@njit(**NJIT_PARALLEL)
+def avx2_i16_chain(n, n_threads):
+    """12 independent ``vpmaddwd`` + ``vpaddd`` chains per thread (16 int16 multiply-adds
+    per step; AVX2 hosts only)."""
+    total = 0
+    for th in prange(n_threads):
+        total += _i16_chain1(n, th)
     return total

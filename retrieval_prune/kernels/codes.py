@@ -42,11 +42,16 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot8x1
+from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot6x1, dot8x1
 from .simd import (
+    HAS_AVX2,
     HAS_VNNI,
+    ISA,
+    ISA_AVX2,
     load_u64,
+    prefetch,
     vadd,
+    vbroadcast_i16x2,
     vbroadcast_i32,
     vconcat,
     vcvt_f32,
@@ -55,7 +60,9 @@ from .simd import (
     vhadd,
     vload,
     vload_f32,
+    vload_i8_i16,
     vload_i32,
+    vmaddwd,
     vmax,
     vsplat,
     vstore,
@@ -126,12 +133,76 @@ def _table_rows1(qp, base, dim, C1, c0, c1, out, W, col):
         c += 8
 
 
+@njit(**NJIT)
+def _add_rows(out, o, W, n, a0, a1, a2, a3, a4, a5, add):
+    """Store (or, with ``add``, add to) the first ``n`` of 6 row vectors at rows ``o, o + W,
+    ...`` of ``out``."""
+    if add:
+        a0 = vadd(a0, vload(out, o, 16))
+        if n > 1:
+            a1 = vadd(a1, vload(out, o + W, 16))
+        if n > 2:
+            a2 = vadd(a2, vload(out, o + 2 * W, 16))
+        if n > 3:
+            a3 = vadd(a3, vload(out, o + 3 * W, 16))
+        if n > 4:
+            a4 = vadd(a4, vload(out, o + 4 * W, 16))
+        if n > 5:
+            a5 = vadd(a5, vload(out, o + 5 * W, 16))
+    _store_rows(out, o, W, n, a0, a1, a2, a3)
+    if n > 4:
+        vstore(out, o + 4 * W, a4)
+    if n > 5:
+        vstore(out, o + 5 * W, a5)
+
+
+@njit(**NJIT)
+def _table_rows_avx2(qp, nv, dim, C1, c0, c1, out, W):
+    """The AVX2 variant: 6 centroids x 16 query lanes per step (:func:`.maxsim.dot6x1`),
+    every query vector while the 6 rows are in L1. While the first vector passes, the
+    same place of the next 6 rows is prefetched, one line per row and 16 dimensions: a
+    codebook beyond the L3 share (d = 384: 24 MiB) otherwise left the table at 0.75 of
+    sgemm (in one burst per block, the prefetches did not help)."""
+    c = c0
+    z = vsplat(np.float32(0.0), 16)
+    while c < c1:
+        n = min(6, c1 - c)  # a missing row repeats row c: computed, never stored
+        r0 = c * dim
+        r1 = r0 + dim if n > 1 else r0
+        r2 = r0 + 2 * dim if n > 2 else r0
+        r3 = r0 + 3 * dim if n > 3 else r0
+        r4 = r0 + 4 * dim if n > 4 else r0
+        r5 = r0 + 5 * dim if n > 5 else r0
+        ahead = c + 12 <= c1  # the next 6 rows lie in this chunk
+        for v in range(nv):
+            base = v * dim * LANES
+            a0 = a1 = a2 = a3 = a4 = a5 = z
+            for d0 in range(0, dim, 16):
+                if v == 0 and ahead:
+                    p = r0 + 6 * dim + d0
+                    prefetch(C1, p)
+                    prefetch(C1, p + dim)
+                    prefetch(C1, p + 2 * dim)
+                    prefetch(C1, p + 3 * dim)
+                    prefetch(C1, p + 4 * dim)
+                    prefetch(C1, p + 5 * dim)
+                a0, a1, a2, a3, a4, a5 = dot6x1(
+                    qp, base, d0, min(d0 + 16, dim), C1, r0, r1, r2, r3, r4, r5,
+                    a0, a1, a2, a3, a4, a5,
+                )  # fmt: skip
+            _add_rows(out, c * W + v * LANES, W, n, a0, a1, a2, a3, a4, a5, False)
+        c += 6
+
+
 #: rows per block of the portable int8 table kernel (scaled while the block is in L1)
 _TABLE_BLOCK = 64
 
 
 @njit(**NJIT)
-def _table_block(qp, nv, dim, C1, c0, c1, out, W):
+def _table_block(qp, nv, dim, C1, c0, c1, out, W, isa):
+    if isa == ISA_AVX2:
+        _table_rows_avx2(qp, nv, dim, C1, c0, c1, out, W)
+        return
     v = 0
     while v + 2 <= nv:
         _table_rows2(qp, v * dim * LANES, dim, C1, c0, c1, out, W, v * LANES)
@@ -141,7 +212,7 @@ def _table_block(qp, nv, dim, C1, c0, c1, out, W):
 
 
 @njit(**NJIT_PARALLEL)
-def centroid_table_kernel(qp, nv, dim, C1, n_centroids, out):
+def centroid_table_kernel(qp, nv, dim, C1, n_centroids, out, isa=ISA):
     """Score table of one packed query: ``out[c * W + l]`` = ``<centroid c, query token l>``
     with ``W = 16 * nv`` (zero query rows give zero padding lanes).
 
@@ -154,7 +225,8 @@ def centroid_table_kernel(qp, nv, dim, C1, n_centroids, out):
     W = nv * LANES
     nch = max(1, min(64, n_centroids // 256))
     for ch in prange(nch):
-        _table_block(qp, nv, dim, C1, ch * n_centroids // nch, (ch + 1) * n_centroids // nch, out, W)
+        c0 = ch * n_centroids // nch
+        _table_block(qp, nv, dim, C1, c0, (ch + 1) * n_centroids // nch, out, W, isa)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,7 +274,7 @@ def _scale_rows(out, W, c0, c1, qs, scale):
 
 
 @njit(**NJIT_PARALLEL)
-def centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out):
+def centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out, isa=ISA):
     """Portable int8 score table: ``out[c, l] = (sum_d q8[l, d] * C8[c, d]) * qs[l] *
     scale[c]``. The integer dot products run on the float32 micro-kernel (exact: every
     partial sum is an integer below 2**24), so this equals
@@ -215,7 +287,7 @@ def centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out):
         b0 = c0
         while b0 < c1:
             b1 = min(b0 + _TABLE_BLOCK, c1)
-            _table_block(q8f, nv, dim, C8, b0, b1, out, W)
+            _table_block(q8f, nv, dim, C8, b0, b1, out, W, isa)
             _scale_rows(out, W, b0, b1, qs, scale)
             b0 = b1
 
@@ -320,19 +392,197 @@ def centroid_table_i8_vnni_kernel(qu, nv, dim, C8, corr, qs, scale, n_centroids,
             _i8_rows1(qu, v * dim * LANES, dim, C8, corr, qs, scale, c0, c1, out, W, v * LANES)
 
 
-def centroid_table_i8(qp, nv, dim, C8, corr, scale, n_centroids, out):
+# --------------------------------------------------------------------------------------
+# the int8 table with AVX2 (no VNNI): int16 vpmaddwd
+# --------------------------------------------------------------------------------------
+@njit(inline="always", **NJIT)
+def _store8(out, o, acc, qs, col, sc):
+    """Store ``float32(acc) * (qs[col:col+8] * sc)``: the rounding steps of the VNNI and
+    portable kernels (:func:`_scaled`), so all three give the same table."""
+    z = vsplat(np.float32(0.0), 8)
+    m = vfma(vload(qs, col, 8), vsplat(sc, 8), z)
+    vstore(out, o, vfma(vcvt_f32(acc), m, z))
+
+
+@njit(inline="always", **NJIT)
+def _i16_step2(q16, base, b1, o, C16, r0, r1, a00, a01, a02, a03, a10, a11, a12, a13):
+    """One pair of dimensions of :func:`_i16_rows2` (query offset ``o``)."""
+    q0 = vload(q16, base + o, 16)
+    q1 = vload(q16, base + o + 16, 16)
+    q2 = vload(q16, b1 + o, 16)
+    q3 = vload(q16, b1 + o + 16, 16)
+    x = vbroadcast_i16x2(C16, r0)
+    a00 = vadd(a00, vmaddwd(q0, x))
+    a01 = vadd(a01, vmaddwd(q1, x))
+    a02 = vadd(a02, vmaddwd(q2, x))
+    a03 = vadd(a03, vmaddwd(q3, x))
+    x = vbroadcast_i16x2(C16, r1)
+    a10 = vadd(a10, vmaddwd(q0, x))
+    a11 = vadd(a11, vmaddwd(q1, x))
+    a12 = vadd(a12, vmaddwd(q2, x))
+    a13 = vadd(a13, vmaddwd(q3, x))
+    return a00, a01, a02, a03, a10, a11, a12, a13
+
+
+@njit(**NJIT)
+def _i16_rows2(q16, base, dim, C16, cb, c0, c1, qs, scale, out, W, col):
+    """AVX2 int8-table micro-kernel: 2 centroids x 32 query tokens per step (4 ymm of 8
+    tokens x 2 int16 dimensions: the packed vectors at ``base`` and the next), 8 int32
+    accumulators; per 2 dimensions one ``vpbroadcastd`` of a centroid's int16 pair and 4
+    ``vpmaddwd`` + ``vpaddd`` per centroid, 4 dimensions per loop trip (the loop's own
+    instructions are a visible share of so short a body). ``C16``: rows ``cb, cb+1, ...``
+    as int16."""
+    b1 = base + dim * LANES
+    z = vsplat(np.int32(0), 8)
+    d4 = dim // 4 * 4
+    c = c0
+    while c < c1:
+        n = min(2, c1 - c)
+        r0 = (c - cb) * dim
+        r1 = r0 + dim if n > 1 else r0
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+        for t in range(0, d4, 4):
+            a00, a01, a02, a03, a10, a11, a12, a13 = _i16_step2(
+                q16, base, b1, t * LANES, C16, r0 + t, r1 + t,
+                a00, a01, a02, a03, a10, a11, a12, a13,
+            )  # fmt: skip
+            a00, a01, a02, a03, a10, a11, a12, a13 = _i16_step2(
+                q16, base, b1, (t + 2) * LANES, C16, r0 + t + 2, r1 + t + 2,
+                a00, a01, a02, a03, a10, a11, a12, a13,
+            )  # fmt: skip
+        if d4 < dim:
+            a00, a01, a02, a03, a10, a11, a12, a13 = _i16_step2(
+                q16, base, b1, d4 * LANES, C16, r0 + d4, r1 + d4,
+                a00, a01, a02, a03, a10, a11, a12, a13,
+            )  # fmt: skip
+        o = c * W + col
+        sc = scale[c]
+        _store8(out, o, a00, qs, col, sc)
+        _store8(out, o + 8, a01, qs, col + 8, sc)
+        _store8(out, o + 16, a02, qs, col + 16, sc)
+        _store8(out, o + 24, a03, qs, col + 24, sc)
+        if n > 1:
+            o += W
+            sc = scale[c + 1]
+            _store8(out, o, a10, qs, col, sc)
+            _store8(out, o + 8, a11, qs, col + 8, sc)
+            _store8(out, o + 16, a12, qs, col + 16, sc)
+            _store8(out, o + 24, a13, qs, col + 24, sc)
+        c += 2
+
+
+@njit(**NJIT)
+def _i16_rows1(q16, base, dim, C16, cb, c0, c1, qs, scale, out, W, col):
+    """:func:`_i16_rows2` for one packed vector of 16 tokens (4 centroids per step)."""
+    z = vsplat(np.int32(0), 8)
+    c = c0
+    while c < c1:
+        n = min(4, c1 - c)
+        r0 = (c - cb) * dim
+        r1 = r0 + dim if n > 1 else r0
+        r2 = r0 + 2 * dim if n > 2 else r0
+        r3 = r0 + 3 * dim if n > 3 else r0
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
+        for t in range(0, dim, 2):
+            q0 = vload(q16, base + t * LANES, 16)
+            q1 = vload(q16, base + t * LANES + 16, 16)
+            x = vbroadcast_i16x2(C16, r0 + t)
+            a00 = vadd(a00, vmaddwd(q0, x))
+            a01 = vadd(a01, vmaddwd(q1, x))
+            x = vbroadcast_i16x2(C16, r1 + t)
+            a10 = vadd(a10, vmaddwd(q0, x))
+            a11 = vadd(a11, vmaddwd(q1, x))
+            x = vbroadcast_i16x2(C16, r2 + t)
+            a20 = vadd(a20, vmaddwd(q0, x))
+            a21 = vadd(a21, vmaddwd(q1, x))
+            x = vbroadcast_i16x2(C16, r3 + t)
+            a30 = vadd(a30, vmaddwd(q0, x))
+            a31 = vadd(a31, vmaddwd(q1, x))
+        o = c * W + col
+        accs = ((a00, a01), (a10, a11), (a20, a21), (a30, a31))
+        for i in range(4):
+            if i < n:
+                sc = scale[c + i]
+                _store8(out, o + i * W, accs[i][0], qs, col, sc)
+                _store8(out, o + i * W + 8, accs[i][1], qs, col + 8, sc)
+        c += 4
+
+
+#: centroid rows widened to int16 at a time by the AVX2 int8 table (16 KiB at d = 128:
+#: they stay in L1 while every query vector passes over them)
+_I16_BLOCK = 64
+
+
+@njit(**NJIT_PARALLEL)
+def centroid_table_i8_avx2_kernel(q16, nv, dim, C8, qs, scale, n_centroids, out):
+    """:func:`centroid_table_i8_kernel` with AVX2 integer instructions (only where
+    ``HAS_AVX2``; ``dim % 2 == 0``). ``q16``: the quantised query as int16 in pairs of
+    dimensions, ``(nv, dim / 2, 16, 2)``. A block of centroid rows is widened to int16
+    once, then ``vpmaddwd`` does 16 exact multiply-adds per instruction (2x a float32
+    FMA), so the table equals the portable and VNNI ones bit for bit. (``vpmaddubsw``
+    would do 32, but u8 x s8 pairs saturate int16 unless one side's sign is moved to the
+    other per product: one more instruction on the same busy pipes, measured slower.)"""
+    W = nv * LANES
+    nch = max(1, min(64, n_centroids // 256))
+    d16 = dim // 16 * 16
+    for ch in prange(nch):
+        c0 = ch * n_centroids // nch
+        c1 = (ch + 1) * n_centroids // nch
+        C16 = np.empty(_I16_BLOCK * dim, np.int16)
+        b0 = c0
+        while b0 < c1:
+            b1 = min(b0 + _I16_BLOCK, c1)
+            for r in range(b1 - b0):
+                src = (b0 + r) * dim
+                dst = r * dim
+                for d in range(0, d16, 16):
+                    vstore(C16, dst + d, vload_i8_i16(C8, src + d))
+                for d in range(d16, dim):
+                    C16[dst + d] = C8[src + d]
+            v = 0
+            while v + 2 <= nv:
+                _i16_rows2(q16, v * dim * LANES, dim, C16, b0, b0, b1, qs, scale, out, W, v * LANES)
+                v += 2
+            if v < nv:
+                _i16_rows1(q16, v * dim * LANES, dim, C16, b0, b0, b1, qs, scale, out, W, v * LANES)
+            b0 = b1
+
+
+def _pairs16(q8f, nv, dim):
+    """The quantised query (float32 integers, packed layout ``(nv, dim, 16)``) as int16
+    pairs of dimensions ``(nv, dim / 2, 16, 2)``, flat: the AVX2 table's input."""
+    q = q8f.reshape(nv, dim // 2, 2, LANES).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(q, dtype=np.int16).reshape(-1)
+
+
+def int8_table_path(dim: int, isa: int = ISA) -> str:
+    """Which kernel :func:`centroid_table_i8` runs: ``"vnni"``, ``"avx2"`` or
+    ``"portable"`` (the float32 micro-kernel on integer values); all give one table."""
+    if dim % 4 == 0 and HAS_VNNI and isa != ISA_AVX2:
+        return "vnni"
+    if dim % 2 == 0 and HAS_AVX2:
+        return "avx2"
+    return "portable"
+
+
+def centroid_table_i8(qp, nv, dim, C8, corr, scale, n_centroids, out, isa=ISA):
     """Score table of a packed query against an int8 codebook, with the query quantised
     per token (:func:`quantize_query_i8`): the VNNI kernel where the host has AVX-512
-    VNNI, else the portable one; both give the same float32 table."""
+    VNNI, the AVX2 integer kernel where it has AVX2, else the portable one
+    (:func:`int8_table_path`); all give the same float32 table."""
+    path = int8_table_path(dim, isa)
     q8f = np.empty_like(qp)
     qs = np.empty(nv * LANES, np.float32)
-    vnni = HAS_VNNI and dim % 4 == 0
-    qu = np.empty(qp.size if vnni else 0, np.uint8)
+    qu = np.empty(qp.size if path == "vnni" else 0, np.uint8)
     quantize_query_i8(qp, nv, dim, q8f, qu, qs)
-    if vnni:
+    if path == "vnni":
         centroid_table_i8_vnni_kernel(qu, nv, dim, C8, corr, qs, scale, n_centroids, out)
+    elif path == "avx2":
+        centroid_table_i8_avx2_kernel(
+            _pairs16(q8f, nv, dim), nv, dim, C8, qs, scale, n_centroids, out
+        )
     else:
-        centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out)
+        centroid_table_i8_kernel(q8f, nv, dim, C8, qs, scale, n_centroids, out, isa)
 
 
 # --------------------------------------------------------------------------------------
@@ -631,7 +881,7 @@ def residual_decode_kernel(codes, packed, centroids, lut, per, normalize, out):
 @njit(**NJIT_PARALLEL)
 def residual_rerank_kernel(
     qp, nv, nq, codes, packed, src, scale, use_scale, dim, lut, per, normalize, d_off, ids,
-    max_len, out,
+    max_len, out, isa=ISA,
 ):  # fmt: skip
     """``out[r]`` = exact MaxSim of the packed query with decoded document ``ids[r]``.
 
@@ -664,4 +914,4 @@ def residual_rerank_kernel(
                 )  # fmt: skip
                 if normalize:
                     inv[j - s] = inv_norm(ss)
-            out[r] = doc_maxsim_scaled(qp, 0, nv, nq, dim, buf, 0, e - s, mbuf, inv, normalize)
+            out[r] = doc_maxsim_scaled(qp, 0, nv, nq, dim, buf, 0, e - s, mbuf, inv, normalize, isa)

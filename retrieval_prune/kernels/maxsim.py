@@ -28,13 +28,34 @@ vectors; their maxima are ignored by the final sum.
 
 All kernels use a finite sentinel ``NEG = -FLT_MAX`` instead of ``-inf`` (``fastmath``
 lets LLVM assume no infinities); wrappers turn it into ``-inf``.
+
+AVX2 variant
+------------
+With 8-lane registers (``isa == ISA_AVX2``, see :mod:`.simd`) the 4 x 32 block above needs
+16 accumulator registers plus the query and broadcast ones: more than the 16 there are,
+and it spills (0.42 of sgemm measured on an AVX2 EPYC). There the micro-kernel is
+:func:`dot6x1`: 6 document tokens x one 16-lane query vector = 12 accumulator registers,
+2 query and 1 broadcast register. Every query vector of a block of 6 tokens is done while
+those tokens are in L1, and the running maxima live in ``mbuf`` (one load and store per
+block and vector, against 6 x ``dim`` FMAs).
 """
 
 import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .simd import prefetch, vbroadcast, vbroadcast_f32, vfma, vload, vmax, vsplat, vstore
+from .simd import (
+    ISA,
+    ISA_AVX2,
+    prefetch,
+    vbroadcast,
+    vbroadcast_f32,
+    vfma,
+    vload,
+    vmax,
+    vsplat,
+    vstore,
+)
 from .topk import topk_push
 
 #: Finite stand-in for -inf inside kernels (largest negative float32).
@@ -98,6 +119,75 @@ def dot8x1(qp, base, dim, D1, r0, r1, r2, r3, r4, r5, r6, r7):
         a6 = vfma(qa, vbroadcast_f32(D1, r6 + d, 16), a6)
         a7 = vfma(qa, vbroadcast_f32(D1, r7 + d, 16), a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(inline="always", **NJIT)
+def dot6x1(qp, base, d0, d1, D1, r0, r1, r2, r3, r4, r5, a0, a1, a2, a3, a4, a5):
+    """The AVX2 GEMM step: the accumulators ``a0..a5`` plus the dot products, over
+    dimensions ``d0:d1``, of the rows at offsets ``r0..r5`` of ``D1`` (float32, or signed
+    integers read as their values) with the 16 query lanes of the packed vector at
+    ``base``: 12 ymm accumulators, 2 query and 1 broadcast register of the 16. Callers
+    step ``d0`` by 16 to interleave a prefetch per row and 16 dimensions."""
+    for d in range(d0, d1):
+        qa = vload(qp, base + d * LANES, 16)
+        a0 = vfma(qa, vbroadcast_f32(D1, r0 + d, 16), a0)
+        a1 = vfma(qa, vbroadcast_f32(D1, r1 + d, 16), a1)
+        a2 = vfma(qa, vbroadcast_f32(D1, r2 + d, 16), a2)
+        a3 = vfma(qa, vbroadcast_f32(D1, r3 + d, 16), a3)
+        a4 = vfma(qa, vbroadcast_f32(D1, r4 + d, 16), a4)
+        a5 = vfma(qa, vbroadcast_f32(D1, r5 + d, 16), a5)
+    return a0, a1, a2, a3, a4, a5
+
+
+@njit(**NJIT)
+def _max_avx2(qp, base, nv, dim, D1, s, e, mbuf, inv, use_inv):
+    """Max over document tokens ``s:e`` for all ``nv`` query vectors from ``base``
+    (the AVX2 variant of :func:`_max2`): 6 tokens x 16 query lanes per micro-kernel call,
+    every query vector per block of 6 tokens; maxima to ``mbuf[:16 nv]``. While the first
+    vector passes, the same place of the next 6 tokens is prefetched, one line per token
+    and 16 dimensions (spread over the block: one burst per block measured slower)."""
+    neg = vsplat(NEG, 16)
+    z = vsplat(np.float32(0.0), 16)
+    for v in range(nv):
+        vstore(mbuf, v * LANES, neg)
+    last = e - 1
+    limit = D1.shape[0] - 12 * dim
+    stride = dim * LANES
+    j = s
+    while j < e:
+        r0 = j * dim
+        r1 = min(j + 1, last) * dim
+        r2 = min(j + 2, last) * dim
+        r3 = min(j + 3, last) * dim
+        r4 = min(j + 4, last) * dim
+        r5 = min(j + 5, last) * dim
+        ahead = r0 <= limit
+        for v in range(nv):
+            a0 = a1 = a2 = a3 = a4 = a5 = z
+            for d0 in range(0, dim, 16):
+                if v == 0 and ahead:
+                    p = r0 + 6 * dim + d0
+                    prefetch(D1, p)
+                    prefetch(D1, p + dim)
+                    prefetch(D1, p + 2 * dim)
+                    prefetch(D1, p + 3 * dim)
+                    prefetch(D1, p + 4 * dim)
+                    prefetch(D1, p + 5 * dim)
+                a0, a1, a2, a3, a4, a5 = dot6x1(
+                    qp, base + v * stride, d0, min(d0 + 16, dim), D1, r0, r1, r2, r3, r4, r5,
+                    a0, a1, a2, a3, a4, a5,
+                )  # fmt: skip
+            if use_inv:
+                a0 = vfma(a0, vbroadcast(inv, j, 16), z)
+                a1 = vfma(a1, vbroadcast(inv, min(j + 1, last), 16), z)
+                a2 = vfma(a2, vbroadcast(inv, min(j + 2, last), 16), z)
+                a3 = vfma(a3, vbroadcast(inv, min(j + 3, last), 16), z)
+                a4 = vfma(a4, vbroadcast(inv, min(j + 4, last), 16), z)
+                a5 = vfma(a5, vbroadcast(inv, min(j + 5, last), 16), z)
+            m = vmax(vmax(vmax(a0, a1), vmax(a2, a3)), vmax(a4, a5))
+            mo = v * LANES
+            vstore(mbuf, mo, vmax(vload(mbuf, mo, 16), m))
+        j += 6
 
 
 @njit(**NJIT)
@@ -176,26 +266,30 @@ def _max1(qp, base, dim, D1, s, e, mbuf, mo, inv, use_inv):
 
 
 @njit(**NJIT)
-def doc_maxsim(qp, qv0, nv, nq, dim, D1, s, e, mbuf):
+def doc_maxsim(qp, qv0, nv, nq, dim, D1, s, e, mbuf, isa=ISA):
     """MaxSim of one packed query against document tokens ``D1[s*dim:e*dim]``.
 
     ``qv0``: first vector of the query in ``qp``; ``nv`` vectors, ``nq`` real tokens;
-    ``mbuf``: float32 scratch of at least ``nv * 16``. Requires ``e > s``.
+    ``mbuf``: float32 scratch of at least ``nv * 16``; ``isa``: the register blocking
+    (:mod:`.simd`). Requires ``e > s``.
     """
-    return doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, mbuf, False)
+    return doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, mbuf, False, isa)
 
 
 @njit(**NJIT)
-def doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, inv, use_inv):
+def doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, inv, use_inv, isa=ISA):
     """:func:`doc_maxsim` where, with ``use_inv``, token ``j`` counts as ``inv[j] * D1[j]``
     (``inv`` indexed like the tokens: ``inv[s:e]``)."""
     stride = dim * LANES
-    v = 0
-    while v + 2 <= nv:
-        _max2(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
-        v += 2
-    if v < nv:
-        _max1(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
+    if isa == ISA_AVX2:
+        _max_avx2(qp, qv0 * stride, nv, dim, D1, s, e, mbuf, inv, use_inv)
+    else:
+        v = 0
+        while v + 2 <= nv:
+            _max2(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
+            v += 2
+        if v < nv:
+            _max1(qp, (qv0 + v) * stride, dim, D1, s, e, mbuf, v * LANES, inv, use_inv)
     t = np.float32(0.0)
     for i in range(nq):
         t += mbuf[i]
@@ -207,7 +301,7 @@ def doc_maxsim_scaled(qp, qv0, nv, nq, dim, D1, s, e, mbuf, inv, use_inv):
 # --------------------------------------------------------------------------------------
 @njit(**NJIT_PARALLEL)
 def maxsim_search_kernel(
-    qp, qv_off, q_len, dim, D1, d_off, alive, use_alive, bounds, k, ts, ti, cnt
+    qp, qv_off, q_len, dim, D1, d_off, alive, use_alive, bounds, k, ts, ti, cnt, isa=ISA
 ):
     """Fused MaxSim top-k over all documents for a batch of packed queries.
 
@@ -234,14 +328,14 @@ def maxsim_search_kernel(
                 continue
             for q in range(nqry):
                 v0 = qv_off[q]
-                sc = doc_maxsim(qp, v0, qv_off[q + 1] - v0, q_len[q], dim, D1, s, e, mbuf)
+                sc = doc_maxsim(qp, v0, qv_off[q + 1] - v0, q_len[q], dim, D1, s, e, mbuf, isa)
                 n = cnt[c, q]
                 if n < k or sc > ts[c, q, k - 1]:
                     cnt[c, q] = topk_push(ts[c, q], ti[c, q], n, k, sc, doc)
 
 
 @njit(**NJIT_PARALLEL)
-def maxsim_rerank_kernel(qp, nv, nq, dim, D1, d_off, ids, out):
+def maxsim_rerank_kernel(qp, nv, nq, dim, D1, d_off, ids, out, isa=ISA):
     """``out[r]`` = MaxSim of one packed query with document ``ids[r]``.
 
     ``ids[r] < 0`` or an empty document gives ``NEG``.
@@ -260,11 +354,11 @@ def maxsim_rerank_kernel(qp, nv, nq, dim, D1, d_off, ids, out):
             if e <= s:
                 out[r] = NEG
             else:
-                out[r] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf)
+                out[r] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf, isa)
 
 
 @njit(**NJIT_PARALLEL)
-def maxsim_scores_kernel(qp, nv, nq, dim, D1, d_off, out):
+def maxsim_scores_kernel(qp, nv, nq, dim, D1, d_off, out, isa=ISA):
     """``out[doc]`` = MaxSim of one packed query with every document (empty -> ``NEG``)."""
     n = d_off.shape[0] - 1
     nch = min(n, 256)
@@ -276,4 +370,4 @@ def maxsim_scores_kernel(qp, nv, nq, dim, D1, d_off, out):
             if e <= s:
                 out[doc] = NEG
             else:
-                out[doc] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf)
+                out[doc] = doc_maxsim(qp, 0, nv, nq, dim, D1, s, e, mbuf, isa)

@@ -25,6 +25,8 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numba
@@ -34,6 +36,7 @@ from ..types import check_k
 from . import binary as _bin
 from . import codes as _codes_k
 from . import maxsim as _ms
+from . import simd as _simd
 from .topk import topk_merge
 
 __all__ = [
@@ -56,9 +59,35 @@ __all__ = [
     "binary_lut",
     "maxsim_binary",
     "hamming_scan_128",
+    "isa_variant",
+    "current_isa",
 ]
 
 _LANES = _ms.LANES
+#: the kernel variant these wrappers run (``simd.ISA`` unless :func:`isa_variant` says)
+_VARIANT = [_simd.ISA]
+
+
+def current_isa() -> str:
+    """The kernel variant the wrappers run now: ``"avx2"`` or ``"avx512"``."""
+    return "avx2" if _VARIANT[0] == _simd.ISA_AVX2 else "avx512"
+
+
+@contextmanager
+def isa_variant(name: str) -> Iterator[None]:
+    """Run the wrappers' kernels with another register-blocking variant inside a ``with``
+    block (``"avx2"`` or ``"avx512"``; both are plain LLVM IR and give correct results on
+    any x86-64 CPU, only their speed differs). For tests and benchmarks: the process-wide
+    choice is ``RETRIEVAL_PRUNE_ISA``, read once at import. Not thread-safe."""
+    codes = {"avx2": _simd.ISA_AVX2, "avx512": _simd.ISA_AVX512}
+    if name not in codes:
+        raise ValueError(f"isa variant {name!r}: use 'avx2' or 'avx512'")
+    prev = _VARIANT[0]
+    _VARIANT[0] = codes[name]
+    try:
+        yield
+    finally:
+        _VARIANT[0] = prev
 
 
 # --------------------------------------------------------------------------------------
@@ -269,6 +298,7 @@ def maxsim_search(q_emb, q_offsets, d_emb, d_offsets, k: int, alive=None):
         ts,
         ti,
         cnt,
+        _VARIANT[0],
     )
     topk_merge(ts, ti, cnt, _ms.NEG, out_s[:, :kk], out_i[:, :kk])
     out_s[out_i < 0] = -np.inf
@@ -300,7 +330,7 @@ def maxsim_scores(q, d_emb, d_offsets) -> np.ndarray:
     qp, nv, nq = _single_query(q, d.shape[1])
     out = np.empty(d_off.shape[0] - 1, np.float32)
     if out.size and d.shape[0]:
-        _ms.maxsim_scores_kernel(qp, nv, nq, d.shape[1], d.reshape(-1), d_off, out)
+        _ms.maxsim_scores_kernel(qp, nv, nq, d.shape[1], d.reshape(-1), d_off, out, _VARIANT[0])
     out[d_off[1:] == d_off[:-1]] = -np.inf
     return out
 
@@ -340,7 +370,9 @@ def maxsim_rerank(q, d_emb, d_offsets, cand_ids) -> np.ndarray:
     ids = _cand_ids(cand_ids, d_off.shape[0] - 1)
     out = np.empty(ids.shape[0], np.float32)
     if out.size and d.shape[0]:
-        _ms.maxsim_rerank_kernel(qp, nv, nq, d.shape[1], d.reshape(-1), d_off, ids, out)
+        _ms.maxsim_rerank_kernel(
+            qp, nv, nq, d.shape[1], d.reshape(-1), d_off, ids, out, _VARIANT[0]
+        )
     out[(ids < 0) | (d_off[ids + 1] == d_off[ids])] = -np.inf
     return out
 
@@ -596,7 +628,7 @@ def maxsim_residual_rerank(
         max_len = int(np.diff(off).max()) if n_docs else 0
         _codes_k.residual_rerank_kernel(
             qp, nv, nq, c, p, cent.reshape(-1), np.zeros(0, np.float32), False, cent.shape[1],
-            lut, per, bool(normalize), off, ids, max_len, out,
+            lut, per, bool(normalize), off, ids, max_len, out, _VARIANT[0],
         )  # fmt: skip
         out[(ids < 0) | (off[ids + 1] == off[ids])] = -np.inf
     return out

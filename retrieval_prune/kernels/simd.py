@@ -17,9 +17,23 @@ The lane count is a compile-time literal: ``vload(arr, i, 16)`` loads
 ``arr.flat[i:i+16]`` of a C-contiguous array as ``Vec(arr.dtype, 16)``. Indexing is
 unchecked, like the rest of the kernels (the wrappers validate).
 
-``vdpbusd`` is the one exception to "plain LLVM IR": the AVX-512 VNNI int8 dot product,
-compiled only where ``HAS_VNNI`` says the host has it; its callers keep a portable
-kernel that computes the same integers.
+``vdpbusd`` (AVX-512 VNNI) and ``vmaddubsw``/``vsignb``/``vmaddwd1`` (AVX2) are the
+exceptions to "plain LLVM IR": x86 intrinsics, compiled only where ``HAS_VNNI`` /
+``HAS_AVX2`` say the host has them; their callers keep a portable kernel that computes
+the same integers.
+
+Instruction-set variants
+------------------------
+``ISA`` (chosen once, at import) names the register blocking the float kernels use:
+``ISA_AVX512`` (32 vector registers of 16 float lanes: 8 accumulators of 16 lanes) or
+``ISA_AVX2`` (16 registers of 8 lanes: a 16-lane accumulator is two registers, so the
+micro-kernels keep 6 x 16 lanes = 12 registers). Both are plain LLVM IR and run on any
+x86-64 CPU (they only differ in speed); the packed-query layout (16 lanes) is the same
+for both. The kernels take the variant as an argument whose default is ``ISA``, so a
+cached kernel compiled for one variant is never reused for the other (the default value
+is part of Numba's signature) and tests can run both variants in one process.
+``RETRIEVAL_PRUNE_ISA=avx2|avx512`` forces a variant (e.g. to measure the AVX2 kernels on
+an AVX-512 machine); forcing ``avx2`` also turns the AVX-512 VNNI table off.
 """
 
 import os
@@ -53,9 +67,21 @@ __all__ = [
     "prefetch",
     "load_u64",
     "HAS_VNNI",
+    "HAS_AVX2",
+    "ISA",
+    "ISA_AVX2",
+    "ISA_AVX512",
+    "ISA_NAME",
+    "cpu_features",
     "vload_i32",
     "vbroadcast_i32",
     "vdpbusd",
+    "vbitcast",
+    "vmaddubsw",
+    "vmaddwd",
+    "vbroadcast_i16x2",
+    "vload_i8_i16",
+    "vmaddwd1",
 ]
 
 
@@ -486,22 +512,74 @@ def load_u64(typingctx, arr, idx):
 # --------------------------------------------------------------------------------------
 # AVX-512 VNNI (int8 dot products), for the hosts that have it
 # --------------------------------------------------------------------------------------
+#: register-blocking variants of the float kernels (see the module docstring)
+ISA_AVX2 = 0
+ISA_AVX512 = 1
+_ISA_BY_NAME = {"avx2": ISA_AVX2, "avx512": ISA_AVX512}
+
+
+def _host_features() -> dict:
+    """LLVM's feature flags of this host, or ``{}`` when Numba compiles for another target
+    (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``: then no host-only instruction may be used)."""
+    if _numba_config.CPU_NAME or _numba_config.CPU_FEATURES:  # a cross/generic target
+        return {}
+    try:
+        return dict(_llvm.get_host_cpu_features())
+    except Exception:  # pragma: no cover - feature query unavailable
+        return {}
+
+
+_FEATURES = _host_features()
+
+
+def _select_isa() -> int:
+    """``RETRIEVAL_PRUNE_ISA`` if set, else AVX-512 where the host has ``avx512f`` and AVX2
+    otherwise (also for a generic target: its fewer registers suit narrow vectors)."""
+    forced = os.environ.get("RETRIEVAL_PRUNE_ISA", "").strip().lower()
+    if forced:
+        if forced not in _ISA_BY_NAME:
+            raise ValueError(
+                f"RETRIEVAL_PRUNE_ISA={forced!r}: use one of {sorted(_ISA_BY_NAME)} "
+                "or leave it unset to follow the CPU"
+            )
+        return _ISA_BY_NAME[forced]
+    return ISA_AVX512 if _FEATURES.get("avx512f", False) else ISA_AVX2
+
+
+#: the variant the kernels use by default (chosen once, here)
+ISA = _select_isa()
+#: its name, as ``RETRIEVAL_PRUNE_ISA`` spells it
+ISA_NAME = {v: k for k, v in _ISA_BY_NAME.items()}[ISA]
+
+
 def _host_has_vnni() -> bool:
-    """True when Numba compiles for this host's CPU and the CPU has AVX-512 VNNI.
-    ``RETRIEVAL_PRUNE_VNNI=0`` turns it off (the portable kernels give the same numbers)."""
+    """True when Numba compiles for this host's CPU, the CPU has AVX-512 VNNI and the
+    AVX-512 variant is selected. ``RETRIEVAL_PRUNE_VNNI=0`` turns it off (the other int8
+    kernels give the same numbers)."""
     if os.environ.get("RETRIEVAL_PRUNE_VNNI", "1") == "0":
         return False
-    if _numba_config.CPU_NAME or _numba_config.CPU_FEATURES:  # a cross/generic target
-        return False
-    try:
-        return bool(_llvm.get_host_cpu_features().get("avx512vnni", False))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
+    return ISA == ISA_AVX512 and bool(_FEATURES.get("avx512vnni", False))
 
 
 #: whether :func:`vdpbusd` may be compiled here; kernels using it must check this first
 #: (on a CPU without VNNI, LLVM cannot select the instruction)
 HAS_VNNI = _host_has_vnni()
+#: whether the AVX2 integer intrinsics (:func:`vmaddubsw`, :func:`vsignb`,
+#: :func:`vmaddwd1`) may be compiled here (host target with AVX2)
+HAS_AVX2 = bool(_FEATURES.get("avx2", False))
+
+
+def cpu_features() -> dict:
+    """What the kernels were chosen from: the SIMD flags LLVM reports for this host (empty
+    for a generic target), the selected variant and the int8 table path."""
+    keys = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
+    return {
+        "flags": {k: bool(_FEATURES.get(k, False)) for k in keys},
+        "host_target": bool(_FEATURES),
+        "isa": ISA_NAME,
+        "isa_forced": bool(os.environ.get("RETRIEVAL_PRUNE_ISA", "").strip()),
+        "int8_table": "avx512-vnni" if HAS_VNNI else ("avx2-maddwd" if HAS_AVX2 else "float32"),
+    }
 
 
 @intrinsic
@@ -546,5 +624,112 @@ def vdpbusd(typingctx, acc, a, b):
             builder.module, ir.FunctionType(ty, [ty, ty, ty]), "llvm.x86.avx512.vpdpbusd.512"
         )
         return builder.call(fn, args)
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------------------
+# AVX2 int8 dot products (vpmaddubsw), for the hosts that have AVX2
+# --------------------------------------------------------------------------------------
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
+
+
+def _avx2_call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ret, [a.type for a in args]), name
+    )
+    return builder.call(fn, args)
+
+
+@intrinsic
+def vbitcast(typingctx, a, like):
+    """The bits of vector ``a`` as the type of vector ``like`` (same total width)."""
+    if not (isinstance(a, Vec) and isinstance(like, Vec)):
+        return None
+    if a.lanes * a.dtype.bitwidth != like.lanes * like.dtype.bitwidth:
+        return None
+    sig = like(a, like)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], args[1].type)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaddubsw(typingctx, a, b):
+    """``VPMADDUBSW``: 16 int16 lanes, lane ``i`` = ``a[2i] b[2i] + a[2i+1] b[2i+1]`` with
+    ``a`` read as unsigned and ``b`` as signed bytes, saturated to int16 (the
+    int8 roof of :mod:`.bench`). AVX2 only: see ``HAS_AVX2``."""
+    vt = Vec(types.int8, 32)
+    if not (a == vt and b == vt):
+        return None
+    sig = Vec(types.int16, 16)(a, b)
+
+    def codegen(context, builder, sig, args):
+        rt = ir.VectorType(ir.IntType(16), 16)
+        return _avx2_call(builder, "llvm.x86.avx2.pmadd.ub.sw", rt, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaddwd1(typingctx, a):
+    """``VPMADDWD`` with ones: the sums of adjacent int16 lanes as 8 int32 lanes (exact).
+    AVX2 only: see ``HAS_AVX2``."""
+    if a != Vec(types.int16, 16):
+        return None
+    sig = Vec(types.int32, 8)(a)
+
+    def codegen(context, builder, sig, args):
+        vt = ir.VectorType(ir.IntType(16), 16)
+        ones = ir.Constant(vt, [1] * 16)
+        rt = ir.VectorType(ir.IntType(32), 8)
+        return _avx2_call(builder, "llvm.x86.avx2.pmadd.wd", rt, [args[0], ones])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaddwd(typingctx, a, b):
+    """``VPMADDWD``: 8 int32 lanes, lane ``i`` = ``a[2i] b[2i] + a[2i+1] b[2i+1]`` of 16
+    int16 lanes each (exact: 16 multiply-adds per instruction, 2x a float32 FMA's 8).
+    AVX2 only: see ``HAS_AVX2``."""
+    vt = Vec(types.int16, 16)
+    if not (a == vt and b == vt):
+        return None
+    sig = Vec(types.int32, 8)(a, b)
+
+    def codegen(context, builder, sig, args):
+        rt = ir.VectorType(ir.IntType(32), 8)
+        return _avx2_call(builder, "llvm.x86.avx2.pmadd.wd", rt, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast_i16x2(typingctx, arr, idx):
+    """The int16 pair at ``arr.flat[idx:idx+2]`` (an int16 array) repeated 8 times:
+    ``Vec(int16 x 16)`` (one ``vpbroadcastd``)."""
+    sig = Vec(types.int16, 16)(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        x = builder.load(builder.bitcast(p, ir.IntType(32).as_pointer()), align=1)
+        return builder.bitcast(_splat(builder, x, 8), ir.VectorType(ir.IntType(16), 16))
+
+    return sig, codegen
+
+
+@intrinsic
+def vload_i8_i16(typingctx, arr, idx):
+    """The 16 int8 at ``arr.flat[idx]`` sign-extended to ``Vec(int16 x 16)``
+    (``vpmovsxbw``)."""
+    sig = Vec(types.int16, 16)(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        v = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return builder.sext(v, ir.VectorType(ir.IntType(16), 16))
 
     return sig, codegen
