@@ -66,6 +66,7 @@ __all__ = [
     "vpairadd",
     "prefetch",
     "load_u64",
+    "load_index",
     "HAS_VNNI",
     "HAS_AVX2",
     "ISA",
@@ -492,6 +493,22 @@ def prefetch(typingctx, arr, idx):
             ],
         )
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def load_index(typingctx, arr, idx):
+    """``arr.flat[idx]`` of an unsigned integer array (codes) as int64, unchecked: no
+    negative-index fix-up (Numba adds a compare and select per ``arr[j]`` where it cannot
+    prove ``j >= 0``)."""
+    if not (isinstance(arr.dtype, types.Integer) and not arr.dtype.signed):
+        return None
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.zext(builder.load(p), ir.IntType(64))
 
     return sig, codegen
 
