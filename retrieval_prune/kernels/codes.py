@@ -830,43 +830,53 @@ def code_search_kernel(
 # --------------------------------------------------------------------------------------
 # residuals
 # --------------------------------------------------------------------------------------
+@njit(inline="always", **NJIT)
+def _lrow(lut, P1, i, per):
+    """The ``per`` bucket values of packed byte ``P1[i]`` (row ``P1[i]`` of ``lut``)."""
+    return vload(lut, per * load_index(P1, i), per)
+
+
 @njit(**NJIT)
-def _lut16(lut, row, g, per):
-    """Bucket values of dimensions ``16g .. 16g+15`` as one vector: the per-byte rows of
-    ``lut`` (``per`` values each) of the bytes that hold them, concatenated."""
+def _lut16(lut, P1, rb, g, per):
+    """Bucket values of dimensions ``16g .. 16g+15`` of the token whose packed bytes start
+    at ``P1[rb]`` as one vector: the per-byte rows of ``lut`` (``per`` values each) of the
+    bytes that hold them, concatenated."""
     if per == 4:
-        b = 4 * g
+        b = rb + 4 * g
         return vconcat(
-            vconcat(vload(lut, 4 * np.int64(row[b]), 4), vload(lut, 4 * np.int64(row[b + 1]), 4)),
-            vconcat(vload(lut, 4 * np.int64(row[b + 2]), 4), vload(lut, 4 * np.int64(row[b + 3]), 4)),
+            vconcat(_lrow(lut, P1, b, 4), _lrow(lut, P1, b + 1, 4)),
+            vconcat(_lrow(lut, P1, b + 2, 4), _lrow(lut, P1, b + 3, 4)),
         )
     if per == 8:
-        b = 2 * g
-        return vconcat(vload(lut, 8 * np.int64(row[b]), 8), vload(lut, 8 * np.int64(row[b + 1]), 8))
-    b = 8 * g
+        b = rb + 2 * g
+        return vconcat(_lrow(lut, P1, b, 8), _lrow(lut, P1, b + 1, 8))
+    b = rb + 8 * g
     lo = vconcat(
-        vconcat(vload(lut, 2 * np.int64(row[b]), 2), vload(lut, 2 * np.int64(row[b + 1]), 2)),
-        vconcat(vload(lut, 2 * np.int64(row[b + 2]), 2), vload(lut, 2 * np.int64(row[b + 3]), 2)),
+        vconcat(_lrow(lut, P1, b, 2), _lrow(lut, P1, b + 1, 2)),
+        vconcat(_lrow(lut, P1, b + 2, 2), _lrow(lut, P1, b + 3, 2)),
     )
     hi = vconcat(
-        vconcat(vload(lut, 2 * np.int64(row[b + 4]), 2), vload(lut, 2 * np.int64(row[b + 5]), 2)),
-        vconcat(vload(lut, 2 * np.int64(row[b + 6]), 2), vload(lut, 2 * np.int64(row[b + 7]), 2)),
+        vconcat(_lrow(lut, P1, b + 4, 2), _lrow(lut, P1, b + 5, 2)),
+        vconcat(_lrow(lut, P1, b + 6, 2), _lrow(lut, P1, b + 7, 2)),
     )
     return vconcat(lo, hi)
 
 
-@njit(**NJIT)
-def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out, o):
+@njit(inline="always", **NJIT)
+def decode_token_raw(code, P1, rb, nb, src, scale, use_scale, dim, lut, per, out, o):
     """Decode one token into ``out[o:o+dim]`` (centroid + bucket values, not normalised);
     returns its squared L2 norm, accumulated in registers while decoding (re-reading the
     token would load wide vectors over narrow stores: a store-forwarding stall each).
 
-    ``src``: the codebook flattened, float32, or int8 with ``use_scale`` (row ``c`` is
-    ``scale[c] * src[c]``, the same product the dequantised codebook holds, so both decode
-    alike; int8 rows are a quarter of the bytes to fetch). One packed byte holds ``per =
-    8 / nbits`` dimensions and ``lut[v]`` their ``per`` bucket values: with ``dim % 16 ==
-    0`` the rows of 16 dimensions' bytes are concatenated into one 16-lane vector (one
-    add, store and norm update per 16 dimensions), else dimensions go one at a time.
+    ``P1``: the packed residuals flattened (uint8), this token's ``nb`` bytes from
+    ``P1[rb]`` (read in place: a per-token ``packed[j]`` view cost a reference-count
+    update and made decoding ~3x slower). ``src``: the codebook flattened, float32, or
+    int8 with ``use_scale`` (row ``c`` is ``scale[c] * src[c]``, the same product the
+    dequantised codebook holds, so both decode alike; int8 rows are a quarter of the bytes
+    to fetch). One packed byte holds ``per = 8 / nbits`` dimensions and ``lut[v]`` their
+    ``per`` bucket values: with ``dim % 16 == 0`` the rows of 16 dimensions' bytes are
+    concatenated into one 16-lane vector (one add, store and norm update per 16
+    dimensions), else dimensions go one at a time.
     """
     base = code * dim
     zero = vsplat(np.float32(0.0), 16)
@@ -878,7 +888,7 @@ def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out
             c = vload_f32(src, base + 16 * g, 16)
             if use_scale:
                 c = vfma(c, sc, zero)
-            x = vadd(c, _lut16(lut, packed_row, g, per))
+            x = vadd(c, _lut16(lut, P1, rb, g, per))
             vstore(out, o + 16 * g, x)
             acc = vfma(x, x, acc)
         return vhadd(acc)
@@ -887,8 +897,8 @@ def decode_token_raw(code, packed_row, src, scale, use_scale, dim, lut, per, out
     z1 = vsplat(np.float32(0.0), 1)
     s1v = vsplat(s1, 1)
     acc1 = z1
-    for b in range(packed_row.shape[0]):
-        v = np.int64(packed_row[b]) * per
+    for b in range(nb):
+        v = load_index(P1, rb + b) * per
         for t in range(per):
             d = b * per + t
             x = vadd(vfma(vload_f32(src, base + d, 1), s1v, z1), vload(lut, v + t, 1))
@@ -910,11 +920,13 @@ def residual_decode_kernel(codes, packed, centroids, lut, per, normalize, out):
     n = codes.shape[0]
     dim = centroids.shape[1]
     src = centroids.reshape(-1)
+    nb = packed.shape[1]
+    P1 = packed.reshape(-1)
     no_scale = np.zeros(0, np.float32)
     for i in prange(n):
         o = i * dim
         ss = decode_token_raw(
-            np.int64(codes[i]), packed[i], src, no_scale, False, dim, lut, per, out, o
+            np.int64(codes[i]), P1, i * nb, nb, src, no_scale, False, dim, lut, per, out, o
         )
         if normalize and ss > 0:
             inv = inv_norm(ss)
@@ -937,6 +949,8 @@ def residual_rerank_kernel(
     """
     n = ids.shape[0]
     nch = min(n, 256)
+    nb = packed.shape[1]
+    P1 = packed.reshape(-1)
     for c in prange(nch):
         buf = np.empty(max(max_len, 1) * dim, np.float32)
         inv = np.ones(max(max_len, 1), np.float32)
@@ -953,8 +967,8 @@ def residual_rerank_kernel(
                 continue
             for j in range(s, e):
                 ss = decode_token_raw(
-                    np.int64(codes[j]), packed[j], src, scale, use_scale, dim, lut, per, buf,
-                    (j - s) * dim,
+                    np.int64(codes[j]), P1, j * nb, nb, src, scale, use_scale, dim, lut, per,
+                    buf, (j - s) * dim,
                 )  # fmt: skip
                 if normalize:
                     inv[j - s] = inv_norm(ss)
