@@ -487,6 +487,7 @@ def test_popcount_intrinsic():
 
 
 @pytest.mark.parametrize("n", [1, 7, 300, 5000])
+@pytest.mark.usefixtures("each_isa")
 def test_hamming_scan_128_vs_naive(n):
     rng = np.random.default_rng(n)
     codes = rng.integers(0, 256, (n, 16)).astype(np.uint8)
@@ -498,6 +499,11 @@ def test_hamming_scan_128_vs_naive(n):
         assert dist.dtype == np.int32 and ids.dtype == np.int64
         np.testing.assert_array_equal(dist, rd)
         np.testing.assert_array_equal(ids, ri)
+        # one query at a time (the AVX2 variant has its own single-query loop)
+        for r in range(q.shape[0]):
+            dist, ids = ops.hamming_scan_128(q[r], codes, k)
+            np.testing.assert_array_equal(dist, rd[r : r + 1])
+            np.testing.assert_array_equal(ids, ri[r : r + 1])
     # codes starting 16/32/48 bytes past a 64-byte boundary (the kernel peels to alignment)
     words = codes.view("<u8")
     for shift in range(4):
@@ -509,6 +515,9 @@ def test_hamming_scan_128_vs_naive(n):
         rd, ri = naive.hamming_topk(q, codes, 7)
         np.testing.assert_array_equal(dist, rd)
         np.testing.assert_array_equal(ids, ri)
+        dist, ids = ops.hamming_scan_128(q[1], moved, 7)
+        np.testing.assert_array_equal(dist, rd[1:2])
+        np.testing.assert_array_equal(ids, ri[1:2])
     # uint64 words and a single 1-D query give the same answer
     d1, i1 = ops.hamming_scan_128(q[0].view("<u8"), codes.view("<u8"), 5)
     d2, i2 = ops.hamming_scan_128(q[:1], codes, 5)

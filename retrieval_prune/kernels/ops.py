@@ -854,7 +854,9 @@ def hamming_scan_128(q_codes, codes, k: int):
         ti = np.empty((nch, n_q, kk), np.int64)
         cnt = np.zeros((nch, n_q), np.int64)
         qpat = _aligned(np.tile(qc, (1, 4)))  # (n_q, 8): q0 q1 q0 q1 ...
-        _bin.hamming_scan_kernel(c.reshape(-1), qpat.reshape(-1), bounds, a0, kk, ts, ti, cnt)
+        _bin.hamming_scan_kernel(
+            c.reshape(-1), qpat.reshape(-1), bounds, a0, kk, ts, ti, cnt, _VARIANT[0]
+        )
         topk_merge(ts, ti, cnt, np.iinfo(np.int64).min, out_s[:, :kk], out_i[:, :kk])
     dist = np.where(out_i >= 0, -out_s, np.iinfo(np.int32).max).astype(np.int32)
     return dist, out_i

@@ -515,8 +515,9 @@ def load_index(typingctx, arr, idx):
 
 @intrinsic
 def load_u64(typingctx, arr, idx):
-    """8 bytes at ``arr.flat[idx]`` (a uint8 array; any alignment) as a little-endian
-    uint64 -- one load instead of eight byte loads."""
+    """8 bytes at element ``idx`` of ``arr`` as a little-endian uint64, unchecked: bytes
+    ``idx .. idx+7`` of a uint8 array (any alignment; one load instead of eight byte
+    loads), or element ``idx`` of a uint64 array (no negative-index fix-up)."""
     sig = types.uint64(arr, idx)
 
     def codegen(context, builder, sig, args):
