@@ -56,7 +56,6 @@ from retrieval_prune.index.base import MultiVectorIndex, encode_strings
 from retrieval_prune.index.compressed import CompressedIndex
 from retrieval_prune.kernels import codes as _codes_k
 from retrieval_prune.kernels import ivf as _ivf_k
-from retrieval_prune.kernels import rerank as _rerank_k
 from retrieval_prune.registry import Param
 from retrieval_prune.types import MultiVectors
 
@@ -85,12 +84,6 @@ STAGE_PARAMS: dict[str, Param] = {
     "n_rerank": Param(
         None, int, "documents re-scored exactly (residual decompression); unset: "
         "n_candidates / 4 (PLAID), at least k", low=1
-    ),
-    "rerank": Param(
-        None, str, "arithmetic of the residual rerank: unset float32 (decoded tokens, float "
-        "query); int8: decoded tokens and query quantised per token, scored with the int8 "
-        "table product (faster, a rounding of 1/127 of a token's largest coordinate)",
-        choices=("float32", "int8"),
     ),
 }
 
@@ -366,13 +359,18 @@ class StagedIndex(CompressedIndex):
         With an int8 codebook the query is quantised to int8 per token too and the table
         is an int8 x int8 product (AVX-512 VNNI where the CPU has it, the same numbers
         without): it only ranks centroids and candidates, the rerank reads the float query."""
-        n_c, dim = cache["centroids"].shape
-        if cache["codebook_scale"].size > 0:
-            return _i8_table(qp, dim, cache["codebook"], cache["codebook_corr"], cache["codebook_scale"])
+        cent = cache["centroids"]
+        n_c, dim = cent.shape
         nv = qp.size // (dim * _LANES_F32)
         out = np.empty((n_c, nv * _LANES_F32), np.float32)
         with _numba_threads(float(n_c) * nv * _LANES_F32 * dim):
-            _codes_k.centroid_table_kernel(qp, nv, dim, cache["codebook"], n_c, out.reshape(-1))
+            if cache["codebook_scale"].size > 0:
+                _codes_k.centroid_table_i8(
+                    qp, nv, dim, cache["codebook"], cache["codebook_corr"],
+                    cache["codebook_scale"], n_c, out.reshape(-1),
+                )  # fmt: skip
+            else:
+                _codes_k.centroid_table_kernel(qp, nv, dim, cache["codebook"], n_c, out.reshape(-1))
         return out
 
     def _search_one(self, cache, table, q, qp, k, alive, mark, stamp, buf):
@@ -551,8 +549,6 @@ class StagedIndex(CompressedIndex):
         if codec.score_kind == "residual":
             if qp is None:
                 qp = _pack(q, np.array([0, q.shape[0]], np.int64))[0]
-            if self.rerank == "int8":
-                return self._rerank_i8(cache, q.shape[0], qp, cand)
             nv = qp.size // (q.shape[1] * _LANES_F32)
             with _numba_threads(self._work(cache, cand, q.shape[0], q.shape[1])):
                 _codes_k.residual_rerank_kernel(
@@ -571,35 +567,6 @@ class StagedIndex(CompressedIndex):
                 _codes_k.code_f32_scores_kernel(
                     tp.reshape(-1), tp.shape[1], cache["codes"], cache["off"], cand, True, out
                 )
-        return out
-
-    def _rerank_i8(self, cache, n_q: int, qp: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """``rerank=int8``: the candidates' tokens decoded into int8 rows with a scale each
-        (:mod:`retrieval_prune.kernels.rerank`), scored against the query like centroids in
-        the stage-1 table, then a max per document and query token and a sum."""
-        dim = self.storage_codec.centroids_.shape[1]
-        off = cache["off"]
-        ids = np.ascontiguousarray(cand, dtype=np.int64)
-        row_off = np.zeros(ids.size + 1, np.int64)
-        np.cumsum(off[ids + 1] - off[ids], out=row_off[1:])
-        n_rows = int(row_off[-1])
-        out = np.empty(ids.size, np.float32)
-        if n_rows == 0:
-            out[:] = -np.inf
-            return out
-        packed = cache["packed"]
-        r8 = np.empty(n_rows * dim, np.int8)
-        rscale = np.empty(n_rows, np.float32)
-        corr = np.empty(n_rows, np.int32)
-        with _numba_threads(float(n_rows) * dim * 8):
-            _rerank_k.decode_rows_i8_kernel(
-                cache["codes"], packed.reshape(-1), packed.shape[1], cache["codebook"],
-                cache["codebook_scale"], cache["codebook_scale"].size > 0, dim, cache["lut"],
-                cache["per"], bool(self.storage_codec.normalize), off, ids, row_off, r8, rscale,
-                corr,
-            )  # fmt: skip
-        t = _i8_table(qp, dim, r8, corr, rscale)
-        _rerank_k.segment_maxsum_kernel(t.reshape(-1), t.shape[1], n_q, row_off, out)
         return out
 
     def search_bruteforce(self, queries: MultiVectors, k: int = 10):
@@ -674,19 +641,6 @@ def _blas_single_thread():
 
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0].limit(limits=1, user_api="blas")
-
-
-def _i8_table(qp: np.ndarray, dim: int, rows8: np.ndarray, corr: np.ndarray,
-              scale: np.ndarray) -> np.ndarray:
-    """``float32 (n_rows, W)`` scores of a packed query (quantised to int8 per token) with
-    int8 rows ``rows8`` (flat), row ``r`` standing for ``scale[r] * rows8[r]``: the stage-1
-    table of an int8 codebook, and the int8 rerank of decoded candidate tokens."""
-    n_rows = scale.size
-    nv = qp.size // (dim * _LANES_F32)
-    out = np.empty((n_rows, nv * _LANES_F32), np.float32)
-    with _numba_threads(float(n_rows) * nv * _LANES_F32 * dim):
-        _codes_k.centroid_table_i8(qp, nv, dim, rows8, corr, scale, n_rows, out.reshape(-1))
-    return out
 
 
 def _select_idx(scores: np.ndarray, n: int) -> np.ndarray:
