@@ -184,6 +184,28 @@ def test_retriever_refuses_mixed_precisions(zs: Encoder, zs8: Encoder, tmp_path)
     assert r8.retrieve("vitamin d and bones", k=1)[0].id == "d0"
 
 
+def test_int8_documents_share_the_float32_cache_entry(zs: Encoder, zs8: Encoder, tmp_path) -> None:
+    """Documents of an int8 query path are the float32 encoder's: one cache entry serves
+    both (an int8-onnx build does not re-encode the corpus); queries keep their own."""
+    from retrieval_prune.encode.cache import EmbeddingCache
+
+    assert zs8.document_settings == zs.settings == zs.document_settings
+    cache = EmbeddingCache(tmp_path)
+    ids = [f"d{i}" for i in range(len(DOCS))]
+    a = cache.get_or_encode(zs, "toy", ids, DOCS, kind="docs", progress=False)
+    calls = []
+    real = zs8.encode_documents
+    zs8.encode_documents = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        b = cache.get_or_encode(zs8, "toy", ids, DOCS, kind="docs", progress=False)
+    finally:
+        del zs8.encode_documents
+    assert calls == [] and np.array_equal(a.embeddings, b.embeddings)
+    qa = cache.get_or_encode(zs, "toy", ids, DOCS, kind="queries", progress=False)
+    qb = cache.get_or_encode(zs8, "toy", ids, DOCS, kind="queries", progress=False)
+    assert not np.array_equal(qa.embeddings, qb.embeddings)
+
+
 def test_index_settings_rebuild_the_int8_encoder(zs8: Encoder) -> None:
     enc = load_encoder(zs8.settings)  # what Retriever.from_index does without encoder=
     assert isinstance(enc, Encoder) and enc.settings == zs8.settings
@@ -266,3 +288,28 @@ def test_onnx_int8_is_its_own_setting(zs: Encoder, zs8: Encoder, zs_onnx: Encode
             Retriever(r.index, other)
     with pytest.raises(ValueError, match="no attention importance"):
         zs_onnx.encode_queries(QUERIES[:1], return_importance=True)
+
+
+def test_cli_build_records_the_encoder_precision(tmp_path, monkeypatch, capsys) -> None:
+    """``build --encoder-precision int8``: the index names the int8 query path, and
+    ``search`` rebuilds it from the manifest (no flag needed there)."""
+    import json
+
+    from retrieval_prune.cli import main
+    from retrieval_prune.index.base import load_index
+
+    monkeypatch.setenv("RETRIEVAL_PRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(DOCS))
+    )
+    out = tmp_path / "ix"
+    assert main(["build", "--data", str(folder), "--pipeline", "exact", "--out", str(out),
+                 "--encoder-precision", "int8", "-q"]) == 0
+    assert load_index(out).encoder_settings["precision"] == "int8"
+    capsys.readouterr()
+    assert main(["search", str(out), "--query", "vitamin d and bones", "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["id"] == "d0"
+    with pytest.raises(SystemExit):
+        main(["build", "--data", str(folder), "--out", str(out), "--encoder-precision", "int4"])

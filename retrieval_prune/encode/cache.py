@@ -146,7 +146,11 @@ class EmbeddingCache:
             raise ValueError(f"kind={kind!r} must be one of {_KINDS}")
         if not isinstance(dataset_name, str) or not dataset_name:
             raise ValueError(f"dataset_name={dataset_name!r} must be a non-empty string")
+        # documents: the settings that shape document vectors (an int8 query path encodes
+        # documents as the float32 encoder does, so both share one entry)
         settings = encoder.settings
+        if kind == "docs":
+            settings = getattr(encoder, "document_settings", settings)
         key = cache_key(settings, dataset_name, texts_digest(doc_ids, texts), kind)
         hit = self._usable(self.load(key), with_importance)
         if hit is not None:

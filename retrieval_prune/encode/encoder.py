@@ -364,6 +364,17 @@ class Encoder:
             out["quantization"] = dict(ONNX_INT8_RECIPE)
         return out
 
+    @property
+    def document_settings(self) -> dict[str, Any]:
+        """:attr:`settings` that determine the *document* vectors. ``int8`` / ``int8-onnx``
+        quantise the query path only (documents go through the float32 model), so their
+        documents are those of the float32 encoder, and the embedding cache shares them."""
+        if not self.precision.startswith("int8"):
+            return self.settings
+        out = {k: v for k, v in self.settings.items() if k != "quantization"}
+        out["precision"] = "float32"
+        return out
+
     def __repr__(self) -> str:
         s = self.spec
         return (
