@@ -433,6 +433,7 @@ def test_residual_validation():
 
 
 # ---- sign bits ------------------------------------------------------------------------
+@pytest.mark.usefixtures("each_isa")
 @pytest.mark.parametrize("dim", [64, 128, 384, 72])
 @pytest.mark.parametrize("nq", [1, 5, 32, 33])
 def test_maxsim_binary_and_hamming_vs_naive(dim, nq):

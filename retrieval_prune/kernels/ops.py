@@ -735,10 +735,16 @@ def maxsim_hamming(q, planar: PlanarBits, cand_ids=None) -> np.ndarray:
     out = np.empty(n, np.float32)
     if n:
         P = _aligned(planar.words)
-        _bin.hamming_scores_kernel(
-            qw.reshape(-1), qw.shape[0], nw, dim, P.reshape(-1), P.shape[1], p_off, ids,
-            use_ids, out,
-        )  # fmt: skip
+        if nw == 2 and _VARIANT[0] == _simd.ISA_AVX2 and _simd.HAS_AVX2:
+            _bin.hamming_scores_avx2_kernel(
+                qw.reshape(-1), qw.shape[0], dim, P.reshape(-1), P.shape[1], p_off, ids,
+                use_ids, out,
+            )  # fmt: skip
+        else:
+            _bin.hamming_scores_kernel(
+                qw.reshape(-1), qw.shape[0], nw, dim, P.reshape(-1), P.shape[1], p_off, ids,
+                use_ids, out,
+            )  # fmt: skip
         _mark_missing(out, ids, use_ids, p_off)
     return out
 

@@ -17,7 +17,7 @@ The lane count is a compile-time literal: ``vload(arr, i, 16)`` loads
 ``arr.flat[i:i+16]`` of a C-contiguous array as ``Vec(arr.dtype, 16)``. Indexing is
 unchecked, like the rest of the kernels (the wrappers validate).
 
-``vdpbusd`` (AVX-512 VNNI) and ``vmaddubsw``/``vsignb``/``vmaddwd1`` (AVX2) are the
+``vdpbusd`` (AVX-512 VNNI) and ``vmaddwd``/``vmaddubsw``/``vmaddwd1`` (AVX2) are the
 exceptions to "plain LLVM IR": x86 intrinsics, compiled only where ``HAS_VNNI`` /
 ``HAS_AVX2`` say the host has them; their callers keep a portable kernel that computes
 the same integers.
@@ -81,6 +81,7 @@ __all__ = [
     "vmaddubsw",
     "vmaddwd",
     "vbroadcast_i16x2",
+    "vsadbw",
     "vload_i8_i16",
     "vmaddwd1",
 ]
@@ -582,7 +583,7 @@ def _host_has_vnni() -> bool:
 #: whether :func:`vdpbusd` may be compiled here; kernels using it must check this first
 #: (on a CPU without VNNI, LLVM cannot select the instruction)
 HAS_VNNI = _host_has_vnni()
-#: whether the AVX2 integer intrinsics (:func:`vmaddubsw`, :func:`vsignb`,
+#: whether the AVX2 integer intrinsics (:func:`vmaddwd`, :func:`vmaddubsw`,
 #: :func:`vmaddwd1`) may be compiled here (host target with AVX2)
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 
@@ -749,5 +750,21 @@ def vload_i8_i16(typingctx, arr, idx):
         p = _ptr(context, builder, sig.args[0], args[0], args[1])
         v = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
         return builder.sext(v, ir.VectorType(ir.IntType(16), 16))
+
+    return sig, codegen
+
+
+@intrinsic
+def vsadbw(typingctx, a):
+    """``VPSADBW`` against zero: the sums of each 8 consecutive bytes of 32 uint8 lanes, as
+    4 uint64 lanes (a byte popcount's per-word total). AVX2 only: see ``HAS_AVX2``."""
+    if a != Vec(types.uint8, 32):
+        return None
+    sig = Vec(types.uint64, 4)(a)
+
+    def codegen(context, builder, sig, args):
+        rt = ir.VectorType(ir.IntType(64), 4)
+        zero = ir.Constant(_V32I8, [0] * 32)
+        return _avx2_call(builder, "llvm.x86.avx2.psad.bw", rt, [args[0], zero])
 
     return sig, codegen
