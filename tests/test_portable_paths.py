@@ -48,6 +48,23 @@ def test_isa_override_is_read_at_import_and_checked():
     assert bad.returncode != 0 and "RETRIEVAL_PRUNE_ISA='avx1024'" in bad.stderr
 
 
+def test_a_cached_kernel_is_not_reused_for_the_other_variant():
+    """Numba's on-disk cache keys a kernel by its signature; the variant is a defaulted
+    argument whose default (``simd.ISA``) is part of that signature, so the index code's
+    calls (which omit it) get the forced variant's own compiled kernel."""
+    code = (
+        "import numpy as np; from retrieval_prune.kernels import codes, simd; "
+        "out = np.empty(2 * 16, np.float32); "
+        "codes.centroid_table_kernel(np.zeros(16 * 4, np.float32), 1, 4, "
+        "np.ones(8, np.float32), 2, out); "
+        "print(simd.ISA, codes.centroid_table_kernel.signatures[-1][-1])"
+    )
+    for name, isa in (("avx512", 1), ("avx2", 0), ("avx512", 1)):  # the last one: cached
+        probe = _probe({**os.environ, "RETRIEVAL_PRUNE_ISA": name}, code)
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.split() == [str(isa), f"omitted(default={isa})"]
+
+
 def test_kernel_and_index_tests_pass_with_the_other_isa_variant():
     """The kernels (and the index code, which calls them with their import-time default)
     under the variant this host does not choose by itself."""
