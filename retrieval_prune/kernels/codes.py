@@ -15,6 +15,9 @@ from a tree over 4 tokens (``max(max(r0, r1), max(r2, r3))``), so the dependency
 through the running max is 4x shorter than a per-token update. Padding lanes stay 0 and
 add nothing to the final horizontal sum.
 
+The table kernels come in the register-blocking variants of :mod:`.simd` (``isa``): with
+AVX2 a step is 6 centroids x 16 query lanes (:func:`.maxsim.dot6x1`).
+
 The uint8 kernel uses a table quantised per query: ``T8 = round((T - lo) / scale)``.
 max commutes with this increasing map, so the score is
 ``scale * sum_i max_j T8[code_j, i] + n_q * lo`` with an error of at most
@@ -24,8 +27,9 @@ With an int8 codebook (``C = diag(s) C8``) the table can be built in integers: t
 query is quantised per token (``q = s_q q8``, ``max |q8| = 127``) and
 ``T[c, l] = s[c] s_q[l] sum_d C8[c, d] q8[l, d]``. The sum is exact (below 2**24), so the
 AVX-512 VNNI kernel (``vpdpbusd``: unsigned x signed bytes, hence ``q8 + 128`` and a
-per-centroid correction ``-128 sum_d C8[c, d]``) and the portable kernel (the float32
-micro-kernel on the same small integers) produce the same float32 table.
+per-centroid correction ``-128 sum_d C8[c, d]``), the AVX2 kernel (``vpmaddwd`` on int16
+pairs) and the portable kernel (the float32 micro-kernel on the same small integers)
+produce the same float32 table.
 
 Residuals
 ---------
@@ -134,21 +138,8 @@ def _table_rows1(qp, base, dim, C1, c0, c1, out, W, col):
 
 
 @njit(**NJIT)
-def _add_rows(out, o, W, n, a0, a1, a2, a3, a4, a5, add):
-    """Store (or, with ``add``, add to) the first ``n`` of 6 row vectors at rows ``o, o + W,
-    ...`` of ``out``."""
-    if add:
-        a0 = vadd(a0, vload(out, o, 16))
-        if n > 1:
-            a1 = vadd(a1, vload(out, o + W, 16))
-        if n > 2:
-            a2 = vadd(a2, vload(out, o + 2 * W, 16))
-        if n > 3:
-            a3 = vadd(a3, vload(out, o + 3 * W, 16))
-        if n > 4:
-            a4 = vadd(a4, vload(out, o + 4 * W, 16))
-        if n > 5:
-            a5 = vadd(a5, vload(out, o + 5 * W, 16))
+def _store_rows6(out, o, W, n, a0, a1, a2, a3, a4, a5):
+    """Store the first ``n`` of 6 row vectors to rows ``o, o + W, ...`` of ``out``."""
     _store_rows(out, o, W, n, a0, a1, a2, a3)
     if n > 4:
         vstore(out, o + 4 * W, a4)
@@ -190,7 +181,7 @@ def _table_rows_avx2(qp, nv, dim, C1, c0, c1, out, W):
                     qp, base, d0, min(d0 + 16, dim), C1, r0, r1, r2, r3, r4, r5,
                     a0, a1, a2, a3, a4, a5,
                 )  # fmt: skip
-            _add_rows(out, c * W + v * LANES, W, n, a0, a1, a2, a3, a4, a5, False)
+            _store_rows6(out, c * W + v * LANES, W, n, a0, a1, a2, a3, a4, a5)
         c += 6
 
 
@@ -429,9 +420,8 @@ def _i16_rows2(q16, base, dim, C16, cb, c0, c1, qs, scale, out, W, col):
     """AVX2 int8-table micro-kernel: 2 centroids x 32 query tokens per step (4 ymm of 8
     tokens x 2 int16 dimensions: the packed vectors at ``base`` and the next), 8 int32
     accumulators; per 2 dimensions one ``vpbroadcastd`` of a centroid's int16 pair and 4
-    ``vpmaddwd`` + ``vpaddd`` per centroid, 4 dimensions per loop trip (the loop's own
-    instructions are a visible share of so short a body). ``C16``: rows ``cb, cb+1, ...``
-    as int16."""
+    ``vpmaddwd`` + ``vpaddd`` per centroid, 4 dimensions per loop trip (as fast as 2 per
+    trip, within noise). ``C16``: rows ``cb, cb+1, ...`` as int16."""
     b1 = base + dim * LANES
     z = vsplat(np.int32(0), 8)
     d4 = dim // 4 * 4
@@ -589,7 +579,7 @@ def centroid_table_i8(qp, nv, dim, C8, corr, scale, n_centroids, out, isa=ISA):
 # centroid codes, float32 table
 # --------------------------------------------------------------------------------------
 @njit(inline="always", **NJIT)
-def _rmax4(table, o):
+def _rowf32(table, o):
     """The float32 table row (32 lanes) at ``o`` as two 16-lane halves."""
     return vload(table, o, 16), vload(table, o + 16, 16)
 
@@ -606,21 +596,21 @@ def _doc_code_f32_w32(table, cs, n):
     m3 = m0
     j = 0
     while j + 8 <= n:
-        a0, b0 = _rmax4(table, load_index(cs, j) * 32)
-        a1, b1 = _rmax4(table, load_index(cs, j + 1) * 32)
-        a2, b2 = _rmax4(table, load_index(cs, j + 2) * 32)
-        a3, b3 = _rmax4(table, load_index(cs, j + 3) * 32)
+        a0, b0 = _rowf32(table, load_index(cs, j) * 32)
+        a1, b1 = _rowf32(table, load_index(cs, j + 1) * 32)
+        a2, b2 = _rowf32(table, load_index(cs, j + 2) * 32)
+        a3, b3 = _rowf32(table, load_index(cs, j + 3) * 32)
         m0 = vmax(m0, vmax(vmax(a0, a1), vmax(a2, a3)))
         m1 = vmax(m1, vmax(vmax(b0, b1), vmax(b2, b3)))
-        a0, b0 = _rmax4(table, load_index(cs, j + 4) * 32)
-        a1, b1 = _rmax4(table, load_index(cs, j + 5) * 32)
-        a2, b2 = _rmax4(table, load_index(cs, j + 6) * 32)
-        a3, b3 = _rmax4(table, load_index(cs, j + 7) * 32)
+        a0, b0 = _rowf32(table, load_index(cs, j + 4) * 32)
+        a1, b1 = _rowf32(table, load_index(cs, j + 5) * 32)
+        a2, b2 = _rowf32(table, load_index(cs, j + 6) * 32)
+        a3, b3 = _rowf32(table, load_index(cs, j + 7) * 32)
         m2 = vmax(m2, vmax(vmax(a0, a1), vmax(a2, a3)))
         m3 = vmax(m3, vmax(vmax(b0, b1), vmax(b2, b3)))
         j += 8
     while j < n:
-        a0, b0 = _rmax4(table, load_index(cs, j) * 32)
+        a0, b0 = _rowf32(table, load_index(cs, j) * 32)
         m0 = vmax(m0, a0)
         m1 = vmax(m1, b0)
         j += 1
