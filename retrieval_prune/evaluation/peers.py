@@ -299,6 +299,7 @@ class PeerEngine:
             "build_s_wall": wall,  # with the transfer of the vectors to the worker
             "build_threads": self.build_threads,
             "num_partitions": meta.get("num_partitions"),
+            "index_files": index_files(self.folder),
             "peer_meta": {k: meta[k] for k in ("num_partitions", "num_embeddings", "avg_doclen",
                                                "nbits", "num_chunks") if k in meta},
         })
@@ -383,3 +384,17 @@ class PeerEngine:
 def _index_bytes(folder: Path) -> int:
     """Bytes of every file of a peer's index folder (its lock file is empty)."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def index_files(folder: Path) -> dict[str, int]:
+    """Bytes of a peer's index folder by kind of file, chunk numbers folded
+    (``3.codes.npy`` -> ``N.codes.npy``): shows, e.g., that xtr-warp-rs keeps its per-chunk
+    codes and residuals beside the compacted copies it searches."""
+    import re
+
+    out: dict[str, int] = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            key = re.sub(r"^\d+\.", "N.", p.name)
+            out[key] = out.get(key, 0) + p.stat().st_size
+    return out
