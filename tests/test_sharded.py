@@ -303,6 +303,25 @@ def test_build_killed_at_random_moments_resumes_to_the_same_index(tmp_path):
     assert left == []
 
 
+def test_rerun_after_a_kill_between_commit_and_cleanup_removes_the_leftovers(tmp_path, data):
+    """The window the random-kill test hits only sometimes, made deterministic: the index
+    is committed but the driver died before removing its work folder (and a writer's
+    temporary entry); a rerun finds the build complete and cleans up after it."""
+    ids, texts, _ = data
+    out = tmp_path / "ix"
+    build_sharded(SPECS[0], ids, texts=texts, encoder=HashingEncoder(), shards=2, out=out)
+    want = _snapshot(out)
+    (out / BUILD_DIR / "blocks").mkdir(parents=True)
+    (out / BUILD_DIR / "state.json").write_text("{}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".tmp-gen-{dead.pid}-x").mkdir()
+    res = build_sharded(SPECS[0], ids, texts=texts, encoder=HashingEncoder(), shards=2, out=out)
+    assert res.stats["resumed"] == "complete"
+    assert _snapshot(out) == want
+    assert [p.name for p in out.rglob("*") if p.name.startswith((".tmp-", BUILD_DIR))] == []
+
+
 def test_concurrent_searches_of_a_sharded_index_do_not_mix(tmp_path, data):
     """Threads searching one sharded index at once each get their own exact answer (the
     state between the two exchanges travels with the search, not on the runner)."""

@@ -250,6 +250,10 @@ def build_sharded(
             try:
                 done = load_index(out)
                 if isinstance(done, ShardedIndex) and done.info.get("build_key") == key:
+                    # a driver killed between the commit and its clean-up left the work
+                    # folder (and perhaps dead writers' temporaries): finish that clean-up
+                    shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
+                    storage.gc_generations(out)
                     stats["resumed"] = "complete"
                     return BuildResult(pipe, done, out, storage.current_generation(out),
                                        time.perf_counter() - t0, True, stats)
