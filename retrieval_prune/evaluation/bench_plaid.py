@@ -419,33 +419,33 @@ def _colbert_version() -> str:
 
 
 # -- measurements ----------------------------------------------------------------------
-def measure_latency(engines: Sequence[Any], n_queries: int, *, ks: Sequence[int] = KS,
-                    threads: int = 1, warmup: int = 10, progress: bool = False,
-                    ) -> tuple[list[dict[str, dict[str, float]]], list[dict[int, dict]]]:
-    """Per engine and k: p50/p95 ms over every query, engines interleaved query by query
-    (their order rotating), after ``warmup`` queries each. Also returns each engine's
-    results per k (``{k: {qi: hits}}``)."""
+def _interleaved(engines: Sequence[Any], n_queries: int, call: Callable[[Any, int, int], list],
+                 *, ks: Sequence[int], threads: int, warmup: int, progress: bool, desc: str,
+                 ) -> tuple[list[dict[str, dict[str, float]]], list[dict[int, dict]]]:
+    """Per engine and k: p50/p95/mean ms of ``call(engine, qi, k)`` over every query,
+    engines interleaved query by query (their order rotating) after ``warmup`` queries each,
+    ``threads`` threads; also each engine's results per k (``{k: {qi: hits}}``)."""
     stats: list[dict[str, dict[str, float]]] = [{} for _ in engines]
     results: list[dict[int, dict]] = [{} for _ in engines]
+    m = len(engines)
     with thread_limit(threads):
         for k in ks:
             for e in engines:
                 for qi in range(min(warmup, n_queries)):
-                    e.search(qi, k)
+                    call(e, qi, k)
             lat: list[list[float]] = [[] for _ in engines]
-            for e_i in range(len(engines)):
+            for e_i in range(m):
                 results[e_i][k] = {}
             it = range(n_queries)
             if progress:
                 from tqdm.auto import tqdm
 
-                it = tqdm(it, desc=f"latency k={k} threads={threads}", leave=False)
-            m = len(engines)
+                it = tqdm(it, desc=f"{desc} k={k} threads={threads}", leave=False)
             for qi in it:
                 for j in range(m):
                     e_i = (qi + j) % m
                     t0 = time.perf_counter()
-                    hits = engines[e_i].search(qi, k)
+                    hits = call(engines[e_i], qi, k)
                     lat[e_i].append((time.perf_counter() - t0) * 1e3)
                     results[e_i][k][qi] = hits
             for e_i in range(m):
@@ -455,6 +455,15 @@ def measure_latency(engines: Sequence[Any], n_queries: int, *, ks: Sequence[int]
                     "mean_ms": float(np.mean(lat[e_i])),
                 }
     return stats, results
+
+
+def measure_latency(engines: Sequence[Any], n_queries: int, *, ks: Sequence[int] = KS,
+                    threads: int = 1, warmup: int = 10, progress: bool = False,
+                    ) -> tuple[list[dict[str, dict[str, float]]], list[dict[int, dict]]]:
+    """Search only: per engine and k, p50/p95 ms of ``engine.search(qi, k)`` over every
+    query, interleaved (:func:`_interleaved`); also each engine's results per k."""
+    return _interleaved(engines, n_queries, lambda e, qi, k: e.search(qi, k), ks=ks,
+                        threads=threads, warmup=warmup, progress=progress, desc="latency")
 
 
 def measure_e2e(engines: Sequence[Any], texts: Sequence[str], encoders: dict[str, Any], *,
@@ -463,47 +472,17 @@ def measure_e2e(engines: Sequence[Any], texts: Sequence[str], encoders: dict[str
                 ) -> tuple[list[dict[str, dict[str, float]]], list[dict[int, dict]]]:
     """End to end, query text in, ranked ids out: per engine and k, p50/p95 ms of
     ``encoders[engine.query_precision].encode_queries([text])`` (tokenise + encode) followed
-    by ``engine.search_encoded(vectors, k)``, every query, engines interleaved query by
-    query (order rotating) after ``warmup`` queries each, ``threads`` threads. Engines
-    that take vectors (PLAID, the peers) get the same encoder as ours. Also returns each
-    engine's results per k."""
-    stats: list[dict[str, dict[str, float]]] = [{} for _ in engines]
-    results: list[dict[int, dict]] = [{} for _ in engines]
-    n = len(texts)
+    by ``engine.search_encoded(vectors, k)``, every query, interleaved
+    (:func:`_interleaved`). Engines that take vectors (PLAID, the peers) get the same
+    encoder as ours. Also returns each engine's results per k."""
 
     def one(e: Any, qi: int, k: int) -> list:
         mv = encoders[getattr(e, "query_precision", "float32")].encode_queries(
             [texts[qi]], progress=False)
         return e.search_encoded(mv, k)
 
-    with thread_limit(threads):
-        for k in ks:
-            for e in engines:
-                for qi in range(min(warmup, n)):
-                    one(e, qi, k)
-            m = len(engines)
-            lat: list[list[float]] = [[] for _ in engines]
-            for e_i in range(m):
-                results[e_i][k] = {}
-            it = range(n)
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc=f"end-to-end k={k} threads={threads}", leave=False)
-            for qi in it:
-                for j in range(m):
-                    e_i = (qi + j) % m
-                    t0 = time.perf_counter()
-                    hits = one(engines[e_i], qi, k)
-                    lat[e_i].append((time.perf_counter() - t0) * 1e3)
-                    results[e_i][k][qi] = hits
-            for e_i in range(m):
-                stats[e_i][str(k)] = {
-                    "p50_ms": float(np.percentile(lat[e_i], 50)),
-                    "p95_ms": float(np.percentile(lat[e_i], 95)),
-                    "mean_ms": float(np.mean(lat[e_i])),
-                }
-    return stats, results
+    return _interleaved(engines, len(texts), one, ks=ks, threads=threads, warmup=warmup,
+                        progress=progress, desc="end-to-end")
 
 
 def time_doc_encoding(checkpoint: str | None, data: str, split: str, *, n: int = 64,

@@ -238,6 +238,12 @@ class ExactEngine:
         return self.nonempty[top].astype(np.int64), scores[top].astype(np.float32), {}
 
 
+def _torch_docs(torch: Any, embeddings: np.ndarray, offsets: np.ndarray) -> list:
+    """The documents as the Rust peers take them: one contiguous tensor each (checked)."""
+    _check_docs(embeddings, offsets)
+    return [torch.from_numpy(np.ascontiguousarray(d)) for d in _split_docs(embeddings, offsets)]
+
+
 class FastPlaidEngine:
     """``fast_plaid.search.FastPlaid`` on CPU: ``create(documents_embeddings=[...],
     **settings["create"])`` and ``search(queries, top_k=k, **settings["search"])``."""
@@ -255,9 +261,7 @@ class FastPlaidEngine:
         self.index = None
 
     def build(self, embeddings: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-        _check_docs(embeddings, offsets)
-        docs = [self.torch.from_numpy(np.ascontiguousarray(d)) for d in
-                _split_docs(embeddings, offsets)]
+        docs = _torch_docs(self.torch, embeddings, offsets)
         self.index = self.fp.FastPlaid(index=str(self.folder), device="cpu")
         self.index.create(documents_embeddings=docs, **self.create_kw)
         return self._meta()
@@ -303,9 +307,7 @@ class XtrWarpEngine:
         self.index = None
 
     def build(self, embeddings: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-        _check_docs(embeddings, offsets)
-        docs = [self.torch.from_numpy(np.ascontiguousarray(d)) for d in
-                _split_docs(embeddings, offsets)]
+        docs = _torch_docs(self.torch, embeddings, offsets)
         w = self.xw.XTRWarp(index=str(self.folder))
         w.create(docs, device="cpu", show_progress=False, **self.create_kw)
         w.free()
