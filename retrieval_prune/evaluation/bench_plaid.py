@@ -280,8 +280,11 @@ class PlaidEngine:
         peak_rss_reset()
         rss0 = current_rss_mb()
         t0 = time.perf_counter()
+        import torch
+
         with _quiet(log), Run().context(self.run_config), \
-                _patched(collection_indexer, "Checkpoint", _VectorCheckpoint):
+                _patched(collection_indexer, "Checkpoint", _VectorCheckpoint), \
+                _patched(torch.Tensor, "quantile", _quantile_any_size(torch.Tensor.quantile)):
             config = ColBERTConfig(nbits=self.nbits, dim=ctx.docs.dim, doc_maxlen=256,
                                    query_maxlen=int(np.diff(ctx.queries.offsets).max()),
                                    avoid_fork_if_possible=True)
@@ -380,6 +383,28 @@ class PlaidEngine:
 
     def close(self) -> None:
         self.searchers = {}
+
+
+def _quantile_any_size(quantile: Callable) -> Callable:
+    """``Tensor.quantile`` that also takes inputs over torch's 2**24-element limit (through
+    NumPy's same linear interpolation). colbert-ai's indexer takes the residual quantiles
+    of its held-out sample (5 % of the sampled tokens x dim values): at 384 dimensions
+    SciFact's sample is over the limit and its build stops with "quantile() input tensor
+    is too large"."""
+
+    def wrapper(self, q, *args, **kw):
+        try:
+            return quantile(self, q, *args, **kw)
+        except RuntimeError as exc:
+            if "too large" not in str(exc) or args or kw:
+                raise
+            import torch
+
+            qs = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else q
+            out = np.quantile(self.detach().cpu().numpy().reshape(-1), qs)
+            return torch.as_tensor(out, dtype=self.dtype, device=self.device)
+
+    return wrapper
 
 
 @contextlib.contextmanager
