@@ -16,7 +16,7 @@ through the running max is 4x shorter than a per-token update. Padding lanes sta
 add nothing to the final horizontal sum.
 
 The table kernels come in the register-blocking variants of :mod:`.simd` (``isa``): with
-AVX2 a step is 6 centroids x 16 query lanes (:func:`.maxsim.dot6x1`).
+AVX2 a step is 6 centroids x 16 query lanes (:func:`.maxsim.rows6x1`).
 
 The uint8 kernel uses a table quantised per query: ``T8 = round((T - lo) / scale)``.
 max commutes with this increasing map, so the score is
@@ -46,14 +46,13 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot6x1, dot8x1
+from .maxsim import LANES, NEG, doc_maxsim_scaled, dot4x2, dot8x1, rows6x1
 from .simd import (
     HAS_AVX2,
     HAS_VNNI,
     ISA,
     ISA_AVX2,
     load_index,
-    prefetch,
     vadd,
     vbroadcast_i16x2,
     vbroadcast_i32,
@@ -149,13 +148,12 @@ def _store_rows6(out, o, W, n, a0, a1, a2, a3, a4, a5):
 
 @njit(**NJIT)
 def _table_rows_avx2(qp, nv, dim, C1, c0, c1, out, W):
-    """The AVX2 variant: 6 centroids x 16 query lanes per step (:func:`.maxsim.dot6x1`),
+    """The AVX2 variant: 6 centroids x 16 query lanes per step (:func:`.maxsim.rows6x1`),
     every query vector while the 6 rows are in L1. While the first vector passes, the
     same place of the next 6 rows is prefetched, one line per row and 16 dimensions: a
     codebook beyond the L3 share (d = 384: 24 MiB) otherwise left the table at 0.75 of
     sgemm (in one burst per block, the prefetches did not help)."""
     c = c0
-    z = vsplat(np.float32(0.0), 16)
     while c < c1:
         n = min(6, c1 - c)  # a missing row repeats row c: computed, never stored
         r0 = c * dim
@@ -166,21 +164,9 @@ def _table_rows_avx2(qp, nv, dim, C1, c0, c1, out, W):
         r5 = r0 + 5 * dim if n > 5 else r0
         ahead = c + 12 <= c1  # the next 6 rows lie in this chunk
         for v in range(nv):
-            base = v * dim * LANES
-            a0 = a1 = a2 = a3 = a4 = a5 = z
-            for d0 in range(0, dim, 16):
-                if v == 0 and ahead:
-                    p = r0 + 6 * dim + d0
-                    prefetch(C1, p)
-                    prefetch(C1, p + dim)
-                    prefetch(C1, p + 2 * dim)
-                    prefetch(C1, p + 3 * dim)
-                    prefetch(C1, p + 4 * dim)
-                    prefetch(C1, p + 5 * dim)
-                a0, a1, a2, a3, a4, a5 = dot6x1(
-                    qp, base, d0, min(d0 + 16, dim), C1, r0, r1, r2, r3, r4, r5,
-                    a0, a1, a2, a3, a4, a5,
-                )  # fmt: skip
+            a0, a1, a2, a3, a4, a5 = rows6x1(
+                qp, v * dim * LANES, dim, C1, r0, r1, r2, r3, r4, r5, v == 0 and ahead
+            )
             _store_rows6(out, c * W + v * LANES, W, n, a0, a1, a2, a3, a4, a5)
         c += 6
 
