@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import NJIT, NJIT_PARALLEL
-from .simd import vadd, vbitcast, vdpbusd, vhadd, vload, vmaddubsw, vmaddwd, vmaddwd1, vsplat
+from .simd import vadd, vbitcast, vdpbusd, vhadd, vload, vmaddubsw, vmaddwd, vsplat
 
 __all__ = ["sum_u64", "add_chain", "vnni_chain", "avx2_i8_chain", "avx2_i16_chain"]
 
@@ -90,7 +90,8 @@ def vnni_chain(n, n_threads):
 def _ubsw(a, y):
     # the products read the accumulator itself, so no two chains compute the same value
     # (identical products would be computed once)
-    return vadd(a, vmaddwd1(vmaddubsw(vbitcast(a, y), y)))
+    # vpmaddwd with ones widens the int16 pair sums to int32 (as the kernels do)
+    return vadd(a, vmaddwd(vmaddubsw(vbitcast(a, y), y), vsplat(np.int16(1), 16)))
 
 
 @njit(inline="always", **NJIT)

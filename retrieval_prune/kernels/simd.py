@@ -17,7 +17,7 @@ The lane count is a compile-time literal: ``vload(arr, i, 16)`` loads
 ``arr.flat[i:i+16]`` of a C-contiguous array as ``Vec(arr.dtype, 16)``. Indexing is
 unchecked, like the rest of the kernels (the wrappers validate).
 
-``vdpbusd`` (AVX-512 VNNI) and ``vmaddwd``/``vmaddubsw``/``vmaddwd1`` (AVX2) are the
+``vdpbusd`` (AVX-512 VNNI) and ``vmaddwd``/``vmaddubsw`` (AVX2) are the
 exceptions to "plain LLVM IR": x86 intrinsics, compiled only where ``HAS_VNNI`` /
 ``HAS_AVX2`` say the host has them; their callers keep a portable kernel that computes
 the same integers.
@@ -83,7 +83,6 @@ __all__ = [
     "vbroadcast_i16x2",
     "vsadbw",
     "vload_i8_i16",
-    "vmaddwd1",
 ]
 
 
@@ -583,8 +582,8 @@ def _host_has_vnni() -> bool:
 #: whether :func:`vdpbusd` may be compiled here; kernels using it must check this first
 #: (on a CPU without VNNI, LLVM cannot select the instruction)
 HAS_VNNI = _host_has_vnni()
-#: whether the AVX2 integer intrinsics (:func:`vmaddwd`, :func:`vmaddubsw`,
-#: :func:`vmaddwd1`) may be compiled here (host target with AVX2)
+#: whether the AVX2 integer intrinsics (:func:`vmaddwd`, :func:`vmaddubsw`) may be
+#: compiled here (host target with AVX2)
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 
 
@@ -688,23 +687,6 @@ def vmaddubsw(typingctx, a, b):
     def codegen(context, builder, sig, args):
         rt = ir.VectorType(ir.IntType(16), 16)
         return _avx2_call(builder, "llvm.x86.avx2.pmadd.ub.sw", rt, list(args))
-
-    return sig, codegen
-
-
-@intrinsic
-def vmaddwd1(typingctx, a):
-    """``VPMADDWD`` with ones: the sums of adjacent int16 lanes as 8 int32 lanes (exact).
-    AVX2 only: see ``HAS_AVX2``."""
-    if a != Vec(types.int16, 16):
-        return None
-    sig = Vec(types.int32, 8)(a)
-
-    def codegen(context, builder, sig, args):
-        vt = ir.VectorType(ir.IntType(16), 16)
-        ones = ir.Constant(vt, [1] * 16)
-        rt = ir.VectorType(ir.IntType(32), 8)
-        return _avx2_call(builder, "llvm.x86.avx2.pmadd.wd", rt, [args[0], ones])
 
     return sig, codegen
 
