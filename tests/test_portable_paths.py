@@ -32,6 +32,16 @@ def _probe(env: dict, code: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _pytest_passes(env: dict, tests: list[str], timeout: int) -> None:
+    """Run ``tests`` in a child pytest under ``env``; they must all pass."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
 def test_isa_override_is_read_at_import_and_checked():
     code = (
         "from retrieval_prune.kernels import simd, ops; "
@@ -72,29 +82,15 @@ def test_kernel_and_index_tests_pass_with_the_other_isa_variant():
 
     other = "avx512" if ISA_NAME == "avx2" else "avx2"
     env = {**os.environ, "RETRIEVAL_PRUNE_ISA": other}
-    tests = [*KERNEL_TESTS, "tests/test_compressed_index.py"]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "failed" not in run.stdout
+    _pytest_passes(env, [*KERNEL_TESTS, "tests/test_compressed_index.py"], 900)
 
 
 def test_kernel_tests_pass_with_vnni_disabled():
     env = {**os.environ, "RETRIEVAL_PRUNE_VNNI": "0"}
-    probe = subprocess.run(
-        [sys.executable, "-c", "from retrieval_prune.kernels.simd import HAS_VNNI; print(HAS_VNNI)"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    probe = _probe(env, "from retrieval_prune.kernels.simd import HAS_VNNI; print(HAS_VNNI)")
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "False"  # the flag is honoured
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *KERNEL_TESTS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "failed" not in run.stdout
+    _pytest_passes(env, KERNEL_TESTS, 300)
 
 
 #: a baseline x86-64 target: SSE2 only (4 float lanes, no FMA), whatever the host has
@@ -106,15 +102,7 @@ def test_kernel_tests_pass_with_narrower_lanes():
     """The kernels compiled for 4-lane SSE2 without FMA (another summation order than this
     host's AVX2 or AVX-512) still meet the operand-derived tolerances of the kernel tests."""
     env = {**os.environ, **NARROW}
-    probe = subprocess.run(
-        [sys.executable, "-c", "from numba.core import config; from retrieval_prune.kernels.simd "
-         "import HAS_VNNI; print(config.CPU_NAME, HAS_VNNI)"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    probe = _probe(env, "from numba.core import config; from retrieval_prune.kernels.simd "
+                        "import HAS_VNNI; print(config.CPU_NAME, HAS_VNNI)")
     assert probe.stdout.split() == ["x86-64", "False"], probe.stdout + probe.stderr
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *KERNEL_TESTS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "failed" not in run.stdout
+    _pytest_passes(env, KERNEL_TESTS, 600)
