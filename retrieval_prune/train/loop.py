@@ -86,6 +86,10 @@ class TrainConfig:
         gradient and AdamW update per step; positions and LayerNorm still train).
     save_every_minutes : also save mid-run (atomically, same folder); 0 = only at the end.
     dim : projection size.
+    select : train on a selection of the training queries: a selection file written by
+        :func:`~retrieval_prune.train.select.save_selection` (``*.json``) or a data-step spec
+        that needs no scores (``semdedup:eps=0.05``, ``random_pairs:keep=0.3``). The spec,
+        the source and the counts go into the checkpoint's metadata (``training.selection``).
     """
 
     data: tuple[str, ...] = ("scifact", "squad")
@@ -109,6 +113,7 @@ class TrainConfig:
     freeze_embeddings: bool = True
     save_every_minutes: float = 15.0
     dim: int = 128
+    select: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -145,6 +150,11 @@ class TrainConfig:
             raise ValueError(f"threads={self.threads!r} must be an int >= 1 or None")
         if self.crisp is not None:
             parse_crisp(self.crisp)  # fail early with the parser's message
+        if self.select is not None:  # -- select: a selection file or a data-step spec
+            from retrieval_prune.train.select import check_select
+
+            check_select(self.select)
+            self.select = str(self.select)
 
     @property
     def crisp_spec(self) -> CrispSpec | None:
@@ -369,6 +379,11 @@ def train(
         pairs = list(pairs)
         if not pairs:
             raise ValueError("no training data: pairs is empty")
+        selection = None
+        if config.select is not None:  # -- select: restrict to the selected queries
+            from retrieval_prune.train.select import apply_selection
+
+            pairs, selection = apply_selection(config.select, pairs, progress=progress)
         if model is None:
             model = ColBERTModel.from_backbone(dim=config.dim, seed=config.seed)
         train_spec = colbert_spec(doc_maxlen=config.doc_maxlen, query_maxlen=config.query_maxlen)
@@ -417,6 +432,7 @@ def train(
                 stopped_by,
                 finished,
                 threads,
+                selection,
             )
 
         try:
@@ -496,6 +512,7 @@ def _metadata(
     stopped_by: str,
     finished: bool,
     threads: int,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import transformers
 
@@ -513,6 +530,7 @@ def _metadata(
                 "empty_clusters": "masked",
             },
             "data": [p.describe() for p in pairs],
+            "selection": selection,  # -- select: spec, source, counts (None: all pairs)
             "steps": step,
             "seconds": round(seconds, 1),
             "setup_seconds": round(setup_s, 1),
