@@ -8,6 +8,23 @@ the weights, which loading verifies. No pickle anywhere: the folder loads withou
 
 A save writes into a temporary sibling folder, fsyncs, then renames it into place, so a crash
 leaves either the old checkpoint or the new one, never a mix.
+
+Format version 2 (version 1 folders still load) adds three ways to store weights, all exact:
+
+* **masked sparse tensors** (``masks=``): a tensor whose entries outside a bool mask are zero
+  (magnitude pruning) is stored as ``NAME::mask`` (the mask, ``np.packbits`` order, uint8)
+  plus ``NAME::values`` (the entries inside the mask, row-major);
+* **pruned shapes**: heads removed per layer (the backbone config's ``pruned_heads``, which
+  ``transformers`` applies when it builds the model) and the FFN width per layer
+  (``ffn_sizes``); the loader builds those shapes before loading the weights strictly;
+* **delta checkpoints** (``delta_base=``): the weights are stored relative to a base model
+  named by the sha256 of its weights file (default: the pip-installed MiniLM). A tensor equal
+  to the base's is stored as nothing; a tensor the base lacks (the projection) or with another
+  shape is stored dense; any other is stored as ``NAME::delta`` (dense) or, under a mask,
+  ``NAME::mask`` + ``NAME::values`` of ``model - base``. The few entries where float32
+  ``base + delta`` does not round back to the saved weight are stored as
+  ``NAME::fix_index`` / ``NAME::fix_value``, so loading rebuilds the saved model bit for bit.
+  Loading checks the base's sha256 and refuses another base.
 """
 
 from __future__ import annotations
@@ -19,8 +36,17 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import torch
+
 from retrieval_prune.atomic import fsync_dir, fsync_tree
-from retrieval_prune.encode.model import ColBERTModel, TokenizerSpec, sha256_file
+from retrieval_prune.encode.model import (
+    ColBERTModel,
+    TokenizerSpec,
+    backbone_identity,
+    resolve_backbone,
+    sha256_file,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -29,10 +55,21 @@ __all__ = [
     "colbert_spec",
     "save_checkpoint",
     "load_checkpoint",
+    "read_config",
+    "base_state",
+    "ffn_sizes",
+    "set_ffn_sizes",
+    "SHIPPED",
+    "resolve_checkpoint",
+    "stored_bytes",
 ]
 
 CHECKPOINT_FORMAT = "retrieval_prune.colbert_checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+#: checkpoints committed in the package, loadable by name (``--checkpoint ft128``)
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+_SEP = "::"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -69,8 +106,10 @@ def save_checkpoint(
     *,
     spec: TokenizerSpec | None = None,
     overwrite: bool = False,
+    masks: dict[str, torch.Tensor] | None = None,
+    delta_base: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``model`` as a standalone checkpoint folder at ``path``.
+    """Write ``model`` as a checkpoint folder at ``path`` (standalone, or a delta over a base).
 
     Parameters
     ----------
@@ -84,6 +123,13 @@ def save_checkpoint(
         How the checkpoint tokenizes; default :func:`colbert_spec` (ColBERT conventions).
     overwrite : bool
         Replace an existing folder at ``path`` (atomically); otherwise raise FileExistsError.
+    masks : dict, optional
+        Parameter name (``model.state_dict()`` key) -> bool tensor of its shape: entries
+        outside the mask are zero (dense save) or equal to the base (delta save); those
+        tensors are stored as bitmask + values. A mask that does not hold raises ValueError.
+    delta_base : (state, identity), optional
+        Store the weights relative to ``state`` (a state dict in the model's key space, e.g.
+        :func:`base_state`); ``identity`` must carry the base weights' ``sha256``.
 
     Returns
     -------
@@ -102,6 +148,15 @@ def save_checkpoint(
     except TypeError as exc:
         raise TypeError(f"config must be JSON-serialisable: {exc}") from exc
 
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"refusing to save: parameter {name} contains NaN or Inf")
+    tensors, layout = _encode_state(state, masks or {}, delta_base)
+    tokenizer_from_base = False
+    if delta_base is not None:
+        tokenizer_from_base = _same_tokenizer(model.tokenizer, resolve_backbone(None))
+
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -111,9 +166,9 @@ def save_checkpoint(
     try:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        model.tokenizer.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if not tokenizer_from_base:
+            model.tokenizer.save_pretrained(str(tmp))
         full = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -123,6 +178,9 @@ def save_checkpoint(
             "backbone_config": model.backbone.config.to_dict(),
             "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
             "metadata": metadata,
+            "storage": layout,
+            "ffn_sizes": ffn_sizes(model),
+            "tokenizer_from_base": tokenizer_from_base,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
         fsync_tree(tmp)
@@ -160,10 +218,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"{cfg_file} has format {got!r}, expected {CHECKPOINT_FORMAT!r}")
-    if cfg.get("format_version") != CHECKPOINT_VERSION:
+    if cfg.get("format_version") not in _READABLE_VERSIONS:
         raise ValueError(
             f"{cfg_file} has format_version {cfg.get('format_version')!r}; this version of "
-            f"retrieval_prune reads version {CHECKPOINT_VERSION}"
+            f"retrieval_prune reads versions {list(_READABLE_VERSIONS)}"
         )
     for key in ("dim", "hidden_size", "tokenizer_spec", "backbone_config", "weights_sha256"):
         if key not in cfg:
@@ -172,13 +230,20 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, verify: bool = True, attn_implementation: str = "sdpa"
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    attn_implementation: str = "sdpa",
+    base: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Load a folder written by :func:`save_checkpoint` (no pickle, no network).
 
+    ``base``: the base model folder of a delta checkpoint (default: the installed MiniLM);
+    its weights' sha256 must be the one the checkpoint records.
+
     Raises ``FileNotFoundError`` for a missing folder or file, ``ValueError`` for a corrupted
-    weights file (sha256 mismatch, unreadable safetensors) or a config that does not match the
-    weights (dim, architecture, missing or extra tensors).
+    weights file (sha256 mismatch, unreadable safetensors), a delta over another base, or a
+    config that does not match the weights (dim, architecture, missing or extra tensors).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -200,6 +265,13 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"cannot read {weights} ({exc}); the file is corrupted") from exc
 
+    layout = cfg.get("storage") or {"kind": "dense", "tensors": {}}
+    base_sd = None
+    base_path = None
+    if layout.get("kind") == "delta":
+        base_path, base_sd = _check_base(path, layout, base)
+    state = _decode_state(path, state, layout, base_sd)
+
     spec = TokenizerSpec.from_dict(cfg["tokenizer_spec"])
     bcfg = dict(cfg["backbone_config"])
     model_type = bcfg.pop("model_type", None)
@@ -211,8 +283,9 @@ def load_checkpoint(
             f"config mismatch in {path}: hidden_size {cfg['hidden_size']} vs backbone "
             f"{hf_config.hidden_size}"
         )
+    tok_dir = base_path if cfg.get("tokenizer_from_base") else path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, use_fast=True)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"checkpoint {path} has no usable tokenizer files ({exc})") from exc
     dim = cfg["dim"]
@@ -230,6 +303,9 @@ def load_checkpoint(
                 f"{hf_config.hidden_size} but projection.weight has shape {tuple(proj.shape)}"
             )
     backbone = AutoModel.from_config(hf_config, attn_implementation=attn_implementation)
+    sizes = cfg.get("ffn_sizes")
+    if sizes is not None:
+        set_ffn_sizes(backbone, sizes)
     model = ColBERTModel(backbone, dim, tokenizer=tokenizer)
     try:
         model.load_state_dict(state, strict=True)
@@ -239,3 +315,256 @@ def load_checkpoint(
         ) from exc
     model.eval()
     return Checkpoint(model, spec, cfg, sha)
+
+
+# -- storage layouts ----------------------------------------------------------------------
+def _bits(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(bool)))
+
+
+def _unbits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.from_numpy(
+        np.unpackbits(packed.numpy(), count=numel).astype(bool)
+    )
+
+
+def _encode_state(
+    state: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    delta_base: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors to write and the layout record (which tensor is stored how)."""
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise ValueError(f"masks name tensors the model does not have: {unknown[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    base_sd, ident = (None, None) if delta_base is None else delta_base
+    if delta_base is not None and not (isinstance(ident, dict) and ident.get("sha256")):
+        raise ValueError("delta_base identity must record the base weights' sha256")
+    for name, w in state.items():
+        m = masks.get(name)
+        if m is not None:
+            m = m.detach().cpu().bool()
+            if tuple(m.shape) != tuple(w.shape):
+                raise ValueError(f"mask of {name} has shape {tuple(m.shape)}, weight {tuple(w.shape)}")
+        b = None if base_sd is None else base_sd.get(name)
+        if b is not None and (b.shape != w.shape or b.dtype != w.dtype):
+            b = None
+        if b is None:  # dense (or masked sparse) store of the weight itself
+            if m is not None:
+                if bool((w[~m] != 0).any()):
+                    raise ValueError(f"{name} has non-zero entries outside its mask")
+                out[name + _SEP + "mask"] = _bits(m)
+                out[name + _SEP + "values"] = w[m].contiguous()
+                kinds[name] = "sparse"
+                shapes[name] = list(w.shape)
+            else:
+                out[name] = w
+                kinds[name] = "dense"
+            continue
+        if torch.equal(w, b):
+            kinds[name] = "base"  # stored as nothing
+            continue
+        if not w.is_floating_point():
+            out[name] = w
+            kinds[name] = "dense"
+            continue
+        delta = w - b
+        if m is not None:
+            if bool((w[~m] != b[~m]).any()):
+                raise ValueError(f"{name} differs from the base outside its mask")
+            out[name + _SEP + "mask"] = _bits(m)
+            out[name + _SEP + "values"] = delta[m].contiguous()
+            rebuilt = b.clone()
+            rebuilt[m] = b[m] + delta[m]
+            kinds[name] = "delta-sparse"
+        else:
+            out[name + _SEP + "delta"] = delta.contiguous()
+            rebuilt = b + delta
+            kinds[name] = "delta"
+        bad = torch.nonzero((rebuilt != w).reshape(-1)).reshape(-1)
+        if bad.numel():
+            out[name + _SEP + "fix_index"] = bad.to(torch.int64)
+            out[name + _SEP + "fix_value"] = w.reshape(-1)[bad].contiguous()
+    layout: dict[str, Any] = {
+        "kind": "dense" if delta_base is None else "delta",
+        "tensors": kinds,
+        "shapes": shapes,
+    }
+    if delta_base is not None:
+        layout["base"] = dict(ident)
+    return out, layout
+
+
+def stored_bytes(
+    state: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None = None,
+    delta_base: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> int:
+    """Bytes of the tensors :func:`save_checkpoint` would write for ``state`` (no header)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors, _ = _encode_state(state, masks or {}, delta_base)
+    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _decode_state(
+    path: Path,
+    stored: dict[str, torch.Tensor],
+    layout: dict[str, Any],
+    base_sd: dict[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    kinds = layout.get("tensors") or {}
+    if not kinds:  # version 1 / dense without a record: the file is the state
+        return stored
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in stored:
+            raise ValueError(f"config mismatch in {path}: the weights file lacks {key!r}")
+        used.add(key)
+        return stored[key]
+
+    for name, kind in kinds.items():
+        b = None if base_sd is None else base_sd.get(name)
+        if kind == "dense":
+            state[name] = take(name)
+        elif kind == "sparse" or kind == "delta-sparse":
+            vals = take(name + _SEP + "values")
+            if kind == "sparse":
+                like = _shape_from_mask_owner(path, name, stored, layout)
+                w = torch.zeros(like, dtype=vals.dtype)
+            else:
+                if b is None:
+                    raise ValueError(f"{path}: delta tensor {name} has no base tensor")
+                w = b.clone()
+            m = _unbits(take(name + _SEP + "mask"), w.numel()).reshape(w.shape)
+            if int(m.sum()) != vals.numel():
+                raise ValueError(f"{path}: {name}'s mask holds {int(m.sum())} entries, values {vals.numel()}")
+            if kind == "sparse":
+                w[m] = vals
+            else:
+                w[m] = b[m] + vals
+            state[name] = w
+        elif kind == "delta":
+            if b is None:
+                raise ValueError(f"{path}: delta tensor {name} has no base tensor")
+            d = take(name + _SEP + "delta")
+            if d.shape != b.shape:
+                raise ValueError(f"{path}: delta of {name} has shape {tuple(d.shape)}, base {tuple(b.shape)}")
+            state[name] = b + d
+        elif kind == "base":
+            if b is None:
+                raise ValueError(f"{path}: {name} is stored as the base's, which lacks it")
+            state[name] = b.clone()
+        else:
+            raise ValueError(f"{path}: unknown storage {kind!r} for {name}")
+        fi = name + _SEP + "fix_index"
+        if fi in stored:
+            idx = take(fi)
+            val = take(name + _SEP + "fix_value")
+            flat = state[name].reshape(-1)
+            if idx.numel() and (int(idx.max()) >= flat.numel() or int(idx.min()) < 0):
+                raise ValueError(f"{path}: fix indices of {name} out of range")
+            flat[idx] = val
+    extra = sorted(set(stored) - used)
+    if extra:
+        raise ValueError(f"config mismatch in {path}: unexpected tensors {extra[:5]}")
+    return state
+
+
+def _shape_from_mask_owner(
+    path: Path, name: str, stored: dict[str, torch.Tensor], layout: dict[str, Any]
+) -> tuple[int, ...]:
+    shapes = layout.get("shapes") or {}
+    if name not in shapes:
+        raise ValueError(f"{path}: sparse tensor {name} has no recorded shape")
+    return tuple(int(x) for x in shapes[name])
+
+
+def _check_base(
+    path: Path, layout: dict[str, Any], base: str | os.PathLike | None
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    want = (layout.get("base") or {}).get("sha256")
+    if not want:
+        raise ValueError(f"{path}: delta checkpoint without its base's sha256")
+    base_path = resolve_backbone(base)
+    got = backbone_identity(base_path).get("sha256")
+    if got != want:
+        raise ValueError(
+            f"{path} is a delta over base weights with sha256 {want[:16]}..., but the base "
+            f"{base_path} has {str(got)[:16]}...; pass the right base folder (base=... / --base) "
+            "or install the base package the checkpoint names: "
+            f"{(layout.get('base') or {}).get('name')} {(layout.get('base') or {}).get('version', '')}"
+        )
+    return base_path, base_state(base_path)
+
+
+def base_state(backbone: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The base model's weights in :class:`ColBERTModel`'s key space (``backbone.*``)."""
+    from safetensors.torch import load_file
+
+    path = resolve_backbone(backbone)
+    f = path / "model.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"base {path} has no model.safetensors")
+    raw = load_file(str(f))
+    out = {}
+    for k, v in raw.items():
+        k = k[len("bert."):] if k.startswith("bert.") else k
+        out["backbone." + k] = v
+    return out
+
+
+def _same_tokenizer(tokenizer: Any, base_path: Path) -> bool:
+    try:
+        from transformers import AutoTokenizer
+
+        base_tok = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True, use_fast=True)
+    except (OSError, ValueError):
+        return False
+    return (
+        type(base_tok) is type(tokenizer)
+        and base_tok.get_vocab() == tokenizer.get_vocab()
+        and base_tok.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    )
+
+
+def ffn_sizes(model: Any) -> list[int] | None:
+    """FFN width per layer when any layer differs from the config's ``intermediate_size``."""
+    bb = getattr(model, "backbone", model)
+    try:
+        layers = bb.encoder.layer
+    except AttributeError:
+        return None
+    sizes = [int(layer.intermediate.dense.out_features) for layer in layers]
+    if all(x == int(bb.config.intermediate_size) for x in sizes):
+        return None
+    return sizes
+
+
+def set_ffn_sizes(backbone: Any, sizes: list[int]) -> None:
+    """Rebuild each layer's FFN Linear layers at the given widths (weights to be loaded)."""
+    from torch import nn
+
+    layers = backbone.encoder.layer
+    if len(sizes) != len(layers):
+        raise ValueError(f"ffn_sizes has {len(sizes)} entries for {len(layers)} layers")
+    hidden = int(backbone.config.hidden_size)
+    for layer, n in zip(layers, sizes, strict=True):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"ffn_sizes entry {n!r} must be a positive int")
+        layer.intermediate.dense = nn.Linear(hidden, n)
+        layer.output.dense = nn.Linear(n, hidden)
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> Path:
+    """A checkpoint folder: ``name`` itself when it is a folder, else a shipped checkpoint."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    if isinstance(name, str) and os.sep not in name and (SHIPPED / name).is_dir():
+        return SHIPPED / name
+    return p

@@ -51,7 +51,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrieval_prune.encode.checkpoint import colbert_spec, load_checkpoint
+from retrieval_prune.encode.checkpoint import (
+    SHIPPED,
+    colbert_spec,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from retrieval_prune.encode.model import (
     ColBERTModel,
     TextTokenizer,
@@ -288,11 +293,13 @@ class Encoder:
                 "backbone= applies to zero-shot and 'untrained-colbert' only; a checkpoint "
                 f"folder ({checkpoint}) carries its own backbone weights"
             )
-        path = Path(checkpoint).expanduser()
+        path = resolve_checkpoint(checkpoint)
         if not path.exists() and isinstance(checkpoint, str) and os.sep not in checkpoint:
+            shipped = sorted(p.name for p in SHIPPED.iterdir()) if SHIPPED.is_dir() else []
             raise FileNotFoundError(
                 f"checkpoint={checkpoint!r} is neither a folder nor a known name; use None "
-                f"(zero-shot), {UNTRAINED_COLBERT!r}, or a checkpoint folder"
+                f"(zero-shot), {UNTRAINED_COLBERT!r}, a shipped checkpoint {shipped}, or a "
+                "checkpoint folder"
             )
         ckpt = load_checkpoint(path)
         spec = TokenizerSpec.from_dict({**ckpt.spec.to_dict(), **overrides})

@@ -21,13 +21,17 @@ Contract every token preprocessor keeps (checked for every registered plug-in by
   through untouched, in front of the document's other output vectors;
 - the same spec, the same input: the same output, bit for bit (no global RNG).
 
-Stages ``data``, ``model`` and ``table`` get their protocol classes here so that later
-plug-ins (dedup / coreset, weight pruning, vocabulary or codebook trimming) slot in.
+Stages ``data`` (training-pair selection: ``select(PairSet...) -> Selection``), ``model``
+(encoder weights: ``apply(model, ModelContext) -> ModelResult``) and ``table`` (vocabulary:
+``apply(model, texts, spec) -> TableResult``) have their protocol classes here; every step of
+those stages reports a :class:`StepReport`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +45,12 @@ __all__ = [
     "DataPreprocessor",
     "ModelPreprocessor",
     "TablePreprocessor",
+    "StepReport",
+    "PairSet",
+    "Selection",
+    "ModelContext",
+    "ModelResult",
+    "TableResult",
     "KINDS",
     "PREPROCESS_STAGES",
     "frac_count",
@@ -179,36 +189,246 @@ class TokenPreprocessor(Component):
         return MultiVectors(out_emb, out_offsets, out_w if has_w else None)
 
 
-class DataPreprocessor(Component):
-    """Stage ``"data"``: chooses documents or training pairs (dedup, coreset selection).
+@dataclass
+class StepReport:
+    """What one data / model / table step did (JSON-able through :meth:`to_dict`).
 
-    Protocol (for the plug-ins of a later issue): ``fit(corpus) -> self`` and
-    ``transform(corpus) -> corpus`` plus a mapping from removed to kept ids. Index-side
-    data pruning must be lossless: a retrievable document is never silently dropped
-    (duplicates become aliases of the one kept).
+    ``kept_fraction``: data: pairs kept; model: non-zero share of the parameters a step acts
+    on; table: embedding rows kept. ``bytes_before``/``bytes_after``: what the step's subject
+    takes on disk (training-pair count for data steps is in ``details``).
+    """
+
+    step: str
+    stage: str
+    kept_fraction: float
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    lossless: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PairSet:
+    """One collection's training queries as a data step sees them.
+
+    name : collection name.
+    query_ids : one per training query (a query stands for its (query, positive) pairs).
+    embeddings : float32 ``(n, d)`` unit vectors of the pairs (zero-shot encoder), or None.
+    scores : float64 ``(n,)`` per-query difficulty from a full-data run (EL2N), or None.
+    """
+
+    name: str
+    query_ids: list[str]
+    embeddings: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+@dataclass
+class Selection:
+    """Output of a data step: kept query ids per collection (input order), the removed
+    near-duplicates as ``removed id -> kept id`` per collection, and the step report."""
+
+    kept: dict[str, list[str]]
+    aliases: dict[str, dict[str, str]]
+    report: StepReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "aliases": self.aliases, "report": self.report.to_dict()}
+
+
+class DataPreprocessor(Component):
+    """Stage ``"data"``: chooses training pairs (dedup, coreset selection).
+
+    Data steps select training queries; they never remove a retrievable document.
+    ``select`` validates the input, calls :meth:`_select` once per collection with a
+    seeded generator, checks the plug-in's answer (sorted unique positions, never empty) and
+    writes the report. Plug-ins with a ``keep`` parameter keep exactly ``round(keep * n)``
+    queries of every collection (at least one).
     """
 
     stage: ClassVar[str] = "data"
     lossless: ClassVar[bool] = False
+    #: the plug-in reads ``PairSet.embeddings`` / ``PairSet.scores``
+    needs_embeddings: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    identity_params: ClassVar[dict[str, Any] | None] = None
+
+    def budget(self, n: int) -> int:
+        """Queries kept out of ``n`` under the ``keep`` parameter (exact, at least one)."""
+        keep = getattr(self, "keep", None)
+        if keep is None:
+            return n
+        return max(1, min(n, int(round(float(keep) * n))))
+
+    def select(self, sets: Sequence[PairSet]) -> Selection:
+        import time
+
+        t0 = time.perf_counter()
+        if not sets:
+            raise ValueError(f"{self.spec}: no training collections given")
+        kept: dict[str, list[str]] = {}
+        aliases: dict[str, dict[str, str]] = {}
+        details: dict[str, Any] = {}
+        n_in = n_out = 0
+        for i, ps in enumerate(sets):
+            if not isinstance(ps, PairSet):
+                raise TypeError(f"{self.name}: select takes PairSet items, got {type(ps).__name__}")
+            n = len(ps)
+            if n == 0:
+                raise ValueError(f"{self.spec}: collection {ps.name!r} has no training queries")
+            if self.needs_embeddings:
+                emb = ps.embeddings
+                if emb is None or emb.shape[0] != n or emb.ndim != 2:
+                    raise ValueError(
+                        f"{self.spec}: collection {ps.name!r} needs pair embeddings "
+                        f"(float32 (n={n}, d)); got {None if emb is None else emb.shape}"
+                    )
+                if not np.isfinite(emb).all():
+                    raise ValueError(f"{self.spec}: embeddings of {ps.name!r} contain NaN or Inf")
+            if self.needs_scores:
+                sc = ps.scores
+                if sc is None or np.shape(sc) != (n,) or not np.isfinite(sc).all():
+                    raise ValueError(
+                        f"{self.spec}: collection {ps.name!r} needs finite per-query scores "
+                        f"(shape ({n},)) from a full-data run"
+                    )
+            rng = np.random.default_rng([int(getattr(self, "seed", 0) or 0), i])
+            pos, alias, info = self._select(ps, rng)
+            pos = np.asarray(pos, dtype=np.int64)
+            if pos.size == 0:
+                raise ValueError(
+                    f"{self.spec}: the selection of {ps.name!r} is empty; raise keep/eps"
+                )
+            if np.any(np.diff(pos) <= 0) or pos[0] < 0 or pos[-1] >= n:
+                raise RuntimeError(f"{self.name}: _select returned unsorted or bad positions")
+            kept[ps.name] = [ps.query_ids[j] for j in pos]
+            aliases[ps.name] = {ps.query_ids[a]: ps.query_ids[b] for a, b in alias.items()}
+            details[ps.name] = {"queries": n, "kept": int(pos.size), **info}
+            n_in += n
+            n_out += int(pos.size)
+        report = StepReport(
+            step=self.spec,
+            stage="data",
+            kept_fraction=n_out / n_in,
+            bytes_before=n_in,
+            bytes_after=n_out,
+            seconds=time.perf_counter() - t0,
+            lossless=self.lossless,
+            details=details,
+        )
+        return Selection(kept, aliases, report)
+
+    def _select(
+        self, ps: PairSet, rng: np.random.Generator
+    ) -> tuple[np.ndarray, dict[int, int], dict[str, Any]]:
+        """Sorted kept positions, ``{removed position: kept position}`` aliases, details."""
+        raise NotImplementedError
+
+
+@dataclass
+class ModelContext:
+    """What a model step may use besides the model itself.
+
+    base : the weights of the base model a fine-tune started from (``dare``), as a state dict
+        in the model's key space (:func:`retrieval_prune.encode.checkpoint.base_state`).
+    base_identity : its identity (name, version, sha256 of the weights), or None.
+    calibration : a list of :class:`~retrieval_prune.encode.model.Batch` (training queries
+        and documents) for the step's own measurements (``dare``'s q), or None.
+    loss_fn : ``loss_fn(model, batch) -> scalar tensor`` of the training recipe, or None.
+    batches : ``batches(step) -> batch`` training batches, or None.
+    steps : optimizer steps a training step may take.
+    progress : show progress bars.
+    """
+
+    base: Any = None
+    base_identity: dict[str, Any] | None = None
+    calibration: list[Any] | None = None
+    loss_fn: Callable[..., Any] | None = None
+    batches: Callable[[int], Any] | None = None
+    steps: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ModelResult:
+    """Output of a model step.
+
+    model : the new model (the input is never mutated).
+    masks : parameter name -> bool tensor of the entries that may be non-zero; the checkpoint
+        stores those tensors as bitmask + values.
+    delta_of : identity of the base when the model is to be stored as a delta over it.
+    report : the step report.
+    """
+
+    model: Any
+    masks: dict[str, Any]
+    delta_of: dict[str, Any] | None
+    report: StepReport
 
 
 class ModelPreprocessor(Component):
-    """Stage ``"model"``: acts on encoder weights (magnitude pruning, DARE on deltas).
+    """Stage ``"model"``: acts on encoder weights (magnitude pruning, DARE, structured pruning).
 
-    Protocol (later issue): ``transform(state_dict) -> state_dict`` on a safetensors
-    state, reporting the kept fraction of parameters per layer.
+    ``apply(model, context) -> ModelResult`` never mutates ``model``.
     """
 
     stage: ClassVar[str] = "model"
     lossless: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False
+    identity_params: ClassVar[dict[str, Any] | None] = None
+
+    def apply(self, model: Any, context: ModelContext | None = None) -> ModelResult:
+        context = ModelContext() if context is None else context
+        if self.needs_base and context.base is None:
+            raise ValueError(
+                f"{self.spec} needs the base model the checkpoint was fine-tuned from "
+                "(a checkpoint recording its base, or --base FOLDER)"
+            )
+        if self.needs_training and (context.loss_fn is None or context.batches is None):
+            raise ValueError(f"{self.spec} needs training pairs (--data NAME)")
+        for name, p in model.state_dict().items():
+            if p.is_floating_point() and not bool(p.isfinite().all()):
+                raise ValueError(f"{self.name}: parameter {name} contains NaN or Inf")
+        return self._apply(model, context)
+
+    def _apply(self, model: Any, context: ModelContext) -> ModelResult:
+        raise NotImplementedError
+
+
+@dataclass
+class TableResult:
+    """Output of a table step: the new model (its tokenizer and embedding table trimmed),
+    ``id_map`` (int64, old token id -> new id, -1 where removed) and the report."""
+
+    model: Any
+    id_map: np.ndarray
+    report: StepReport
 
 
 class TablePreprocessor(Component):
-    """Stage ``"table"``: trims lookup tables (input vocabulary, codebook rows).
+    """Stage ``"table"``: trims the input vocabulary and its embedding rows.
 
-    Protocol (later issue): ``fit(usage) -> self``, ``transform(table) -> (table, remap)``
-    where ``remap`` maps old row ids to new ones.
+    ``apply(model, texts, spec) -> TableResult``: ``texts`` are the calibration texts (corpus
+    and training queries) on which the new model's vectors must equal the old one's;
+    ``spec`` is the checkpoint's :class:`~retrieval_prune.encode.model.TokenizerSpec`.
     """
 
     stage: ClassVar[str] = "table"
     lossless: ClassVar[bool] = False
+    identity_params: ClassVar[dict[str, Any] | None] = None
+
+    def apply(self, model: Any, texts: Sequence[str], spec: Any) -> TableResult:
+        if isinstance(texts, str):
+            raise TypeError(f"{self.name}: texts must be a list of strings, not one string")
+        return self._apply(model, list(texts), spec)
+
+    def _apply(self, model: Any, texts: list[str], spec: Any) -> TableResult:
+        raise NotImplementedError

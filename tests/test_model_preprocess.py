@@ -1,0 +1,281 @@
+"""Model-stage plug-ins (``gmp``, ``dare``) and the checkpoint format they need (masked sparse
+tensors, pruned FFN shapes, delta checkpoints). Tiny random BERTs with MiniLM's tokenizer
+(synthetic weights), so every test runs in seconds on any CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_prune import registry
+from retrieval_prune.encode.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    set_ffn_sizes,
+    stored_bytes,
+)
+from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
+from retrieval_prune.preprocess.base import ModelContext
+
+
+def tiny(seed=0, dim=32):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = resolve_backbone(None)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg.update({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                "intermediate_size": 128})
+    torch.manual_seed(seed)
+    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    return ColBERTModel(bb, dim, tokenizer=tok, seed=seed).eval()
+
+
+def finetuned(base_model, seed=1, scale=1e-3, frozen=("word_embeddings",)):
+    """A synthetic 'fine-tune': every tensor but the frozen ones moves a little."""
+    import copy
+
+    tok = base_model.tokenizer
+    base_model.tokenizer = None
+    ft = copy.deepcopy(base_model)
+    base_model.tokenizer = tok
+    ft.tokenizer = tok
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if any(f in name for f in frozen):
+                continue
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return ft
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def base_of(model):
+    sd = state(model)
+    return {k: v for k, v in sd.items() if k != "projection.weight"}, {"name": "tiny",
+                                                                       "sha256": "0" * 64}
+
+
+# -- checkpoint format ------------------------------------------------------------------
+def test_sparse_save_load_exact(tmp_path):
+    m = tiny()
+    out = registry.build("gmp:sparsity=0.6").apply(m).model
+    masks = registry.build("gmp:sparsity=0.6").apply(m).masks
+    save_checkpoint(out, tmp_path / "c", masks=masks)
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["format_version"] == 2
+    assert set(cfg["storage"]["tensors"].values()) == {"dense", "sparse"}
+    back = load_checkpoint(tmp_path / "c").model
+    assert same_state(state(back), state(out))
+    dense = sum(t.numel() * 4 for t in out.state_dict().values())
+    assert stored_bytes(out.state_dict(), masks) < dense
+
+
+def test_mask_must_hold(tmp_path):
+    m = tiny()
+    name = "backbone.encoder.layer.0.intermediate.dense.weight"
+    with pytest.raises(ValueError, match="outside its mask"):
+        save_checkpoint(m, tmp_path / "c", masks={name: torch.zeros(128, 64, dtype=torch.bool)})
+    assert not (tmp_path / "c").exists()
+
+
+def test_refuses_non_finite(tmp_path):
+    m = tiny()
+    with torch.no_grad():
+        m.projection.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        save_checkpoint(m, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_ffn_sizes_round_trip(tmp_path):
+    m = tiny()
+    sd = state(m)
+    set_ffn_sizes(m.backbone, [100, 60])
+    with torch.no_grad():
+        for i, n in enumerate([100, 60]):
+            lay = m.backbone.encoder.layer[i]
+            pre = f"backbone.encoder.layer.{i}."
+            lay.intermediate.dense.weight.copy_(sd[pre + "intermediate.dense.weight"][:n])
+            lay.intermediate.dense.bias.copy_(sd[pre + "intermediate.dense.bias"][:n])
+            lay.output.dense.weight.copy_(sd[pre + "output.dense.weight"][:, :n])
+            lay.output.dense.bias.copy_(sd[pre + "output.dense.bias"])
+    save_checkpoint(m, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["ffn_sizes"] == [100, 60]
+    back = load_checkpoint(tmp_path / "c").model
+    assert same_state(state(back), state(m))
+
+
+def test_version1_still_loads(tmp_path):
+    m = tiny()
+    save_checkpoint(m, tmp_path / "c")
+    cfg_file = tmp_path / "c" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for k in ("storage", "ffn_sizes", "tokenizer_from_base"):
+        cfg.pop(k)
+    cfg["format_version"] = 1
+    cfg_file.write_text(json.dumps(cfg))
+    assert same_state(state(load_checkpoint(tmp_path / "c").model), state(m))
+
+
+def test_truncated_weights_refused(tmp_path):
+    m = tiny()
+    save_checkpoint(m, tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupted"):
+        load_checkpoint(tmp_path / "c")
+
+
+# -- delta checkpoints over the real installed base --------------------------------------
+@pytest.fixture(scope="module")
+def minilm_pair():
+    """The installed MiniLM as base and a synthetic fine-tune of it (frozen word table)."""
+    from retrieval_prune.encode.checkpoint import base_state
+    from retrieval_prune.encode.model import backbone_identity
+
+    base = ColBERTModel.from_backbone(dim=32, seed=0)
+    ft = finetuned(base, scale=2e-3)
+    return ft, base_state(), backbone_identity(resolve_backbone(None))
+
+
+def test_delta_checkpoint_exact_and_small(tmp_path, minilm_pair):
+    ft, base, ident = minilm_pair
+    step = registry.build("dare:p=0.9,seed=3")
+    res = step.apply(ft, ModelContext(base=base, base_identity=ident))
+    save_checkpoint(res.model, tmp_path / "d", masks=res.masks, delta_base=(base, ident))
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    kinds = cfg["storage"]["tensors"]
+    assert kinds["backbone.embeddings.word_embeddings.weight"] == "base"
+    assert kinds["projection.weight"] == "dense"
+    assert cfg["tokenizer_from_base"] is True
+    assert not (tmp_path / "d" / "vocab.txt").exists()
+    back = load_checkpoint(tmp_path / "d").model
+    assert same_state(state(back), state(res.model))
+    size = (tmp_path / "d" / "model.safetensors").stat().st_size
+    assert size < 0.25 * sum(t.numel() * 4 for t in ft.state_dict().values())
+    assert abs(res.report.bytes_after - size) < 64 * 1024  # header only differs
+
+
+def test_dare_p0_rebuilds_bit_for_bit(tmp_path, minilm_pair):
+    ft, base, ident = minilm_pair
+    res = registry.build("dare:p=0").apply(ft, ModelContext(base=base, base_identity=ident))
+    assert same_state(state(res.model), state(ft))
+    save_checkpoint(res.model, tmp_path / "d", masks=res.masks, delta_base=(base, ident))
+    assert same_state(state(load_checkpoint(tmp_path / "d").model), state(ft))
+
+
+def test_delta_refuses_other_base(tmp_path, minilm_pair):
+    ft, base, ident = minilm_pair
+    res = registry.build("dare:p=0.5").apply(ft, ModelContext(base=base, base_identity=ident))
+    save_checkpoint(res.model, tmp_path / "d", masks=res.masks, delta_base=(base, ident))
+    cfg_file = tmp_path / "d" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["storage"]["base"]["sha256"] = "f" * 64
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="delta over base weights"):
+        load_checkpoint(tmp_path / "d")
+
+
+def test_dare_needs_base():
+    with pytest.raises(ValueError, match="needs the base"):
+        registry.build("dare:p=0.5").apply(tiny())
+
+
+def test_dare_on_the_base_itself_is_an_error():
+    m = tiny()
+    base, ident = base_of(m)
+    with pytest.raises(ValueError, match="does not differ"):
+        registry.build("dare").apply(m, ModelContext(base=base, base_identity=ident))
+
+
+# -- the plug-ins' own rules ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["dare", "magnitude"])
+def test_dare_budget_rescale_and_determinism(mode):
+    m0 = tiny()
+    base, ident = base_of(m0)
+    ft = finetuned(m0)
+    before = state(ft)
+    spec = f"dare:p=0.7,mode={mode},seed=1"
+    a = registry.build(spec).apply(ft, ModelContext(base=base, base_identity=ident))
+    b = registry.build(spec).apply(ft, ModelContext(base=base, base_identity=ident))
+    assert same_state(state(ft), before)  # input untouched
+    assert same_state(state(a.model), state(b.model))
+    name = "backbone.encoder.layer.0.intermediate.dense.weight"
+    w, bw, m = state(a.model)[name], base[name], a.masks[name]
+    d = before[name] - bw
+    assert torch.equal(w[~m], bw[~m])
+    if mode == "magnitude":
+        assert int(m.sum()) == round(0.3 * m.numel())
+        assert d[m].abs().min() >= d[~m].abs().max()
+        assert torch.equal(w[m], before[name][m])
+    else:
+        frac = float(m.float().mean())
+        assert abs(frac - 0.3) < 4 * np.sqrt(0.3 * 0.7 / m.numel())
+        expect = bw[m] + d[m] / 0.3
+        tol = 4 * np.finfo(np.float32).eps * (bw[m].abs() + (d[m] / 0.3).abs())
+        assert bool(((w[m] - expect).abs() <= tol).all())
+    c = registry.build(f"dare:p=0.7,mode={mode},seed=2").apply(
+        ft, ModelContext(base=base, base_identity=ident))
+    assert mode == "magnitude" or not torch.equal(c.masks[name], a.masks[name])
+
+
+def test_darex_q_picks_from_its_grid_and_needs_calibration():
+    from retrieval_prune.encode.checkpoint import colbert_spec
+    from retrieval_prune.encode.model import TextTokenizer, collate
+
+    m0 = tiny()
+    base, ident = base_of(m0)
+    ft = finetuned(m0, scale=2e-2)
+    with pytest.raises(ValueError, match="calibration"):
+        registry.build("dare:p=0.9,mode=darex-q").apply(ft, ModelContext(base=base, base_identity=ident))
+    tt = TextTokenizer(ft.tokenizer, colbert_spec(doc_maxlen=32))
+    tk = tt.documents(["a short calibration text", "another one about cells and genes"])
+    cal = [collate(tk, range(2), tt.pad_id)]
+    res = registry.build("dare:p=0.9,mode=darex-q").apply(
+        ft, ModelContext(base=base, base_identity=ident, calibration=cal))
+    q = res.report.details["q"]
+    curve = res.report.details["q_curve"]
+    assert 0.1 - 1e-9 <= q <= 1.0 and min(e for _, e in curve) == dict(curve)[q]
+
+
+def test_gmp_exact_budget_and_minimum():
+    m = tiny()
+    from retrieval_prune.preprocess.model._common import linear_weight_names
+
+    names = linear_weight_names(m)
+    total = sum(m.state_dict()[n].numel() for n in names)
+    for sp, mk in [(0.3, 0.0), (0.7, 0.02), (0.9, 0.08)]:
+        res = registry.build(f"gmp:sparsity={sp},min_keep={mk}").apply(m)
+        sd = res.model.state_dict()
+        kept = sum(int(res.masks[n].sum()) if n in res.masks else sd[n].numel() for n in names)
+        assert kept == round((1 - sp) * total)
+        for n in names:
+            k = int(res.masks[n].sum()) if n in res.masks else sd[n].numel()
+            assert k >= np.ceil(mk * sd[n].numel())
+            assert int((sd[n] != 0).sum()) <= k
+
+
+def test_gmp_identity_and_errors():
+    m = tiny()
+    res = registry.build("gmp:sparsity=0").apply(m)
+    assert same_state(state(res.model), state(m)) and res.masks == {}
+    with pytest.raises(ValueError, match="sparsity"):
+        registry.build("gmp:sparsity=1.5")
+    with pytest.raises(ValueError, match="minima"):
+        registry.build("gmp:sparsity=0.9,min_keep=0.5").apply(m)
+    bad = tiny()
+    with torch.no_grad():
+        bad.projection.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        registry.build("gmp").apply(bad)
