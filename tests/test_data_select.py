@@ -380,6 +380,27 @@ def test_select_save_load_round_trip_and_restrict(tmp_path):
         select_pairs("pool:factor=2", pairs)
 
 
+def test_a_chain_of_data_steps():
+    from retrieval_prune.train.select import _chain, build_data_steps, select_pairs
+
+    x = np.repeat(synthetic_set(40, seed=9, spread=1.0).embeddings, 2, axis=0)  # pairs of copies
+    ps = PairSet("pairs", [f"q{i}" for i in range(80)], x)
+    steps = build_data_steps("semdedup:eps=0.01,clusters=3 | random_pairs:keep=0.5")
+    sel = _chain(steps, [ps])
+    kept = sel.kept["pairs"]
+    assert len(kept) == 20 and sel.report.step == " | ".join(s.spec for s in steps)
+    assert [r["bytes_after"] for r in sel.report.details["_steps"]] == [40, 20]
+    assert sel.report.details["pairs"] == {"queries": 80, "kept": 20}
+    # aliases only where the representative survived the second step
+    assert sel.aliases["pairs"] and all(t in kept for t in sel.aliases["pairs"].values())
+    assert len(sel.aliases["pairs"]) == 20
+    out, sel = select_pairs("random_pairs:keep=0.5 | random_pairs:keep=0.5", [_toy_pairs(12)],
+                            progress=False)  # fmt: skip
+    assert len(out[0]) == 3 and out[0].info["selection"].count("random_pairs") == 2
+    with pytest.raises(ValueError, match="not a data step"):
+        build_data_steps("random_pairs | pool:factor=2")
+
+
 @pytest.fixture(scope="module")
 def adi_pairs():
     from retrieval_prune.train.data import load_pairs

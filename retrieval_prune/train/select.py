@@ -57,6 +57,7 @@ __all__ = [
     "load_selection",
     "apply_selection",
     "build_data_step",
+    "build_data_steps",
     "SELECTION_FORMAT",
     "EL2N_CANDIDATES",
     "EL2N_HARD",
@@ -79,16 +80,27 @@ def _ensure_plugins() -> None:
     import retrieval_prune.preprocess.data  # noqa: F401  (registers the data plug-ins)
 
 
+def build_data_steps(spec: str) -> list[DataPreprocessor]:
+    """The data-stage plug-ins of ``spec`` (one step, or several joined with ``|``, run in
+    order); a clear error for a step of another stage."""
+    _ensure_plugins()
+    steps = registry.build_pipeline(spec)
+    for step in steps:
+        if not isinstance(step, DataPreprocessor):
+            data = sorted(registry.available("data"))
+            raise ValueError(
+                f"{step.spec!r} is a {step.stage!r} step, not a data step; data steps: "
+                f"{', '.join(data)}"
+            )
+    return steps
+
+
 def build_data_step(spec: str) -> DataPreprocessor:
     """The data-stage plug-in of a one-step ``spec``; a clear error for other stages."""
-    _ensure_plugins()
-    step = registry.build(spec)
-    if not isinstance(step, DataPreprocessor):
-        data = sorted(registry.available("data"))
-        raise ValueError(
-            f"{spec!r} is a {step.stage!r} step, not a data step; data steps: {', '.join(data)}"
-        )
-    return step
+    steps = build_data_steps(spec)
+    if len(steps) != 1:
+        raise ValueError(f"{spec!r} has {len(steps)} steps; build_data_step takes one")
+    return steps[0]
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -302,6 +314,56 @@ def restrict_pairs(pairs: TrainPairs, kept: Sequence[str], spec: str) -> TrainPa
     )
 
 
+def _subset(ps: PairSet, kept: list[str]) -> PairSet:
+    keep = set(kept)
+    idx = np.asarray([i for i, q in enumerate(ps.query_ids) if q in keep], np.int64)
+    return PairSet(
+        ps.name,
+        [ps.query_ids[i] for i in idx],
+        None if ps.embeddings is None else ps.embeddings[idx],
+        None if ps.scores is None else ps.scores[idx],
+    )
+
+
+def _chain(steps: list[DataPreprocessor], sets: list[PairSet]) -> Selection:
+    """Run ``steps`` in order, each on what the previous kept. One step: its own Selection.
+    Several: the final kept ids, the aliases whose target is still kept (a near-duplicate
+    whose representative a later step pruned has no alias left), a report over the chain
+    with every step's report under ``details["_steps"]``."""
+    if len(steps) == 1:
+        return steps[0].select(sets)
+    reports = []
+    aliases: dict[str, dict[str, str]] = {ps.name: {} for ps in sets}
+    current = sets
+    for step in steps:
+        sel = step.select(current)
+        reports.append(sel.report)
+        for name, a in sel.aliases.items():
+            aliases[name].update(a)
+        current = [_subset(ps, sel.kept[ps.name]) for ps in current]
+    kept = {ps.name: list(ps.query_ids) for ps in current}
+    for name, a in aliases.items():
+        final = set(kept[name])
+        aliases[name] = {r: t for r, t in sorted(a.items()) if t in final}
+    n_in = sum(len(ps) for ps in sets)
+    n_out = sum(len(v) for v in kept.values())
+    details: dict[str, Any] = {
+        ps.name: {"queries": len(ps), "kept": len(kept[ps.name])} for ps in sets
+    }
+    details["_steps"] = [r.to_dict() for r in reports]
+    report = StepReport(
+        step=" | ".join(st.spec for st in steps),
+        stage="data",
+        kept_fraction=n_out / n_in,
+        bytes_before=n_in,
+        bytes_after=n_out,
+        seconds=sum(r.seconds for r in reports),
+        lossless=False,
+        details=details,
+    )
+    return Selection(kept, aliases, report)
+
+
 def select_pairs(
     spec: str,
     pairs: Sequence[TrainPairs],
@@ -309,33 +371,38 @@ def select_pairs(
     *,
     progress: bool = True,
 ) -> tuple[list[TrainPairs], Selection]:
-    """Run the data step ``spec`` on ``pairs``; the pairs restricted to the kept queries
+    """Run the data step(s) ``spec`` on ``pairs``; the pairs restricted to the kept queries
     (documents unchanged) and the :class:`Selection`.
 
+    ``spec`` : one data step, or several joined with ``|`` (``semdedup:eps=0.05 |
+    dbp:keep=0.3``, the DBP paper's order), each run on what the previous kept (so a later
+    step's ``keep`` is a fraction of what reaches it).
     ``scores_from`` : the full-data checkpoint whose EL2N scores a step with ``needs_scores``
     (``ccs``, ``top_importance``) reads. The report's ``details[INPUTS_KEY]`` records how
     the inputs were made (embedding and scoring seconds, the scoring checkpoint).
     """
-    step = build_data_step(spec)
+    steps = build_data_steps(spec)
+    full = " | ".join(st.spec for st in steps)
     pairs = list(pairs)
     if not pairs:
-        raise ValueError(f"{step.spec}: no training collections given")
-    if step.needs_scores and scores_from is None:
+        raise ValueError(f"{full}: no training collections given")
+    need_scores = any(st.needs_scores for st in steps)
+    if need_scores and scores_from is None:
         raise ValueError(
-            f"{step.spec} needs per-query EL2N scores from a full-data run: give scores_from="
+            f"{full} needs per-query EL2N scores from a full-data run: give scores_from="
             "CHECKPOINT (the checkpoint trained on all pairs)"
         )
     timings: dict[str, Any] = {}
     sets = pair_sets(
         pairs,
-        step.needs_embeddings,
-        scores_from if step.needs_scores else None,
+        any(st.needs_embeddings for st in steps),
+        scores_from if need_scores else None,
         progress=progress,
         timings=timings,
     )
-    sel = step.select(sets)
+    sel = _chain(steps, sets)
     sel.report.details[INPUTS_KEY] = timings
-    out = [restrict_pairs(p, sel.kept[p.name], step.spec) for p in pairs]
+    out = [restrict_pairs(p, sel.kept[p.name], full) for p in pairs]
     return out, sel
 
 
@@ -406,13 +473,14 @@ def apply_selection(
             )
         out = [restrict_pairs(p, sel.kept[p.name], sel.report.step) for p in pairs]
     else:
-        step = build_data_step(text)
-        if step.needs_scores:
-            raise ValueError(
-                f"{step.spec} needs EL2N scores from a full-data run; make the selection "
-                "first (retrieval-prune preprocess ... --out FILE.json) and train on the file"
-            )
-        out, sel = select_pairs(step.spec, pairs, progress=progress)
+        steps = build_data_steps(text)
+        for step in steps:
+            if step.needs_scores:
+                raise ValueError(
+                    f"{step.spec} needs EL2N scores from a full-data run; make the selection "
+                    "first (retrieval-prune preprocess ... --out FILE.json) and train on the file"
+                )
+        out, sel = select_pairs(text, pairs, progress=progress)
         source = "spec"
     counts = {
         p.name: {"queries": len(before), "kept": len(p)}
@@ -433,4 +501,4 @@ def check_select(select: Any) -> None:
         if not Path(text).expanduser().is_file():
             raise FileNotFoundError(f"select={text!r}: no such selection file")
         return
-    build_data_step(text)
+    build_data_steps(text)
