@@ -525,10 +525,17 @@ def _same_tokenizer(tokenizer: Any, base_path: Path) -> bool:
         base_tok = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True, use_fast=True)
     except (OSError, ValueError):
         return False
+    def pieces(tok: Any) -> dict[str, Any]:
+        # what maps text to ids; truncation/padding are call-time settings (TextTokenizer
+        # sets its own) that a save/load round trip does not keep
+        d = json.loads(tok.backend_tokenizer.to_str())
+        return {k: v for k, v in d.items() if k not in ("truncation", "padding")}
+
     return (
         type(base_tok) is type(tokenizer)
         and base_tok.get_vocab() == tokenizer.get_vocab()
-        and base_tok.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+        and pieces(base_tok) == pieces(tokenizer)
+        and base_tok.init_kwargs.get("do_lower_case") == tokenizer.init_kwargs.get("do_lower_case")
     )
 
 
