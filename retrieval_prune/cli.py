@@ -1,4 +1,4 @@
-"""Command line: ``retrieval-prune {build,search,eval,bench,add,delete,compact,inspect,plugins}``."""
+"""Command line: ``retrieval-prune {build,search,eval,train,preprocess,bench,add,delete,compact,inspect,plugins}``."""
 
 from __future__ import annotations
 
@@ -196,6 +196,53 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from retrieval_prune.pipeline.preprocess import preprocess_model, split_stages
+
+    stages = split_stages(args.pipeline)
+    if stages["data"]:
+        return _preprocess_data(args, stages)
+    meta = preprocess_model(
+        args.checkpoint, args.pipeline, args.out, data=args.data or [], base=args.base,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    info = meta["preprocess"]
+    for r in info["reports"]:
+        print(f"{r['step']}: kept {r['kept_fraction']:.4f}, {r['bytes_before'] / 1e6:.2f} MB -> "
+              f"{r['bytes_after'] / 1e6:.2f} MB, {r['seconds']:.1f} s")
+    print(f"wrote {args.out} (source {info['source'].get('name')}); evaluate: retrieval-prune "
+          f"eval --data scifact --checkpoint {args.out} --pipeline exact")
+    return 0
+
+
+def _preprocess_data(args: argparse.Namespace, stages: dict[str, list[Any]]) -> int:
+    from retrieval_prune.train.data import load_pairs
+    from retrieval_prune.train.select import save_selection, select_pairs
+
+    other = [s.spec for st, steps in stages.items() if st != "data" for s in steps]
+    if other:
+        raise ValueError(f"data steps select training pairs on their own; run {other} in a "
+                         "second preprocess call on the trained checkpoint")
+    if len(stages["data"]) != 1:
+        raise ValueError("give one data step per preprocess call (its selection is one file)")
+    if not args.data:
+        raise ValueError("data steps need --data NAME (a collection with a train split)")
+    if not str(args.out).endswith(".json"):
+        raise ValueError(f"--out {args.out}: a data step writes a selection file; name it *.json")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    pairs = [load_pairs(n, progress=not args.quiet) for n in args.data]
+    _, sel = select_pairs(stages["data"][0].spec, pairs, args.scores_from,
+                          progress=not args.quiet)
+    save_selection(sel, args.out)
+    for name, ids in sel.kept.items():
+        n = sel.report.details.get(name, {}).get("queries", len(ids))
+        print(f"{name}: kept {len(ids)} of {n} training queries")
+    print(f"wrote {args.out}; train on it: retrieval-prune train "
+          + " ".join(f"--data {n}" for n in args.data) + f" --select {args.out} --out DIR")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from retrieval_prune.train import TrainConfig, train
 
@@ -204,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=tuple(args.data), crisp=args.crisp, minutes=args.minutes, max_steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
-        precision=args.precision, threads=args.threads,
+        precision=args.precision, threads=args.threads, select=args.select,
     )
     res = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     losses = res.losses
@@ -451,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["bfloat16", "float32"], default="bfloat16",
                    help="autocast precision of forward/backward (weights stay float32)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable)")
+    t.add_argument("--select", default=None, metavar="FILE.json|STEPS",
+                   help="train on a selection of the pairs: a file from 'preprocess --data' "
+                        "or a data-step spec (e.g. 'semdedup:eps=0.05')")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -489,8 +539,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_parsers(sub)  # add, delete, compact, inspect
 
+    pp = sub.add_parser(
+        "preprocess",
+        help="apply data/model/table steps: select training pairs, or write a new checkpoint",
+        description="Model and table steps (gmp, dare, vocabtrim, ...) turn --checkpoint "
+                    "(default: the zero-shot MiniLM) into a new checkpoint folder --out; data "
+                    "steps (semdedup, dbp, ccs, ...) select training pairs of --data into a "
+                    "JSON file --out that 'train --select FILE' trains on.",
+    )
+    pp.add_argument("--checkpoint", default=None, metavar="CKPT",
+                    help="source encoder: a checkpoint folder or a shipped name (ft128); "
+                         "default zero-shot")
+    pp.add_argument("--pipeline", required=True, metavar="STEPS",
+                    help="data steps, or model/table steps, e.g. 'gmp:sparsity=0.5' or "
+                         "'dare:p=0.99'")
+    pp.add_argument("--data", action="append", metavar="NAME",
+                    help="training collection(s): calibration pairs/texts (repeatable)")
+    pp.add_argument("--base", default=None, metavar="FOLDER",
+                    help="base model of a fine-tuned checkpoint (dare); default the installed "
+                         "MiniLM")
+    pp.add_argument("--scores-from", default=None, metavar="CKPT",
+                    help="data steps that need difficulty scores (ccs): the full-data checkpoint")
+    pp.add_argument("--steps", type=int, default=0, help="recovery/training steps (0: none)")
+    pp.add_argument("--minutes", type=float, default=45.0, help="budget of training steps")
+    pp.add_argument("--out", required=True, metavar="DIR|FILE.json")
+    pp.add_argument("--overwrite", action="store_true")
+    pp.add_argument("-q", "--quiet", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
+
     pl = sub.add_parser("plugins", help="list registered components and their parameters")
-    pl.add_argument("--stage", default=None)
+    pl.add_argument("--stage", default=None, choices=["data", "model", "table", "tokens",
+                                                       "codec", "index"])
     pl.set_defaults(func=cmd_plugins)
     return p
 
@@ -506,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as exc:  # another writer held the index's lock past --lock-timeout
         print(f"retrieval-prune {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError,
+            ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"retrieval-prune {args.command}: error: {msg}", file=sys.stderr)
         return 2

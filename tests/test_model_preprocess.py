@@ -279,3 +279,52 @@ def test_gmp_identity_and_errors():
         bad.projection.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         registry.build("gmp").apply(bad)
+
+
+# -- the preprocess command --------------------------------------------------------------
+def test_cli_preprocess_gmp_and_errors(tmp_path, capsys):
+    from retrieval_prune.cli import main
+
+    src = tmp_path / "src"
+    save_checkpoint(tiny(), src)
+    out = tmp_path / "gmp"
+    assert main(["preprocess", "--checkpoint", str(src), "--pipeline", "gmp:sparsity=0.5",
+                 "--out", str(out), "-q"]) == 0
+    ck = load_checkpoint(out)
+    meta = ck.config["metadata"]["preprocess"]
+    assert meta["pipeline"] == "gmp:sparsity=0.5,min_keep=0.02"
+    assert meta["source"]["sha256"] == load_checkpoint(src).sha256
+    assert meta["reports"][0]["stage"] == "model"
+    # bad input: one line, exit 2, nothing written
+    capsys.readouterr()
+    for argv, msg in [
+        (["--pipeline", "gmp:sparsity=2"], "must be <="),
+        (["--pipeline", "gmp:bogus=1"], "unknown parameter"),
+        (["--pipeline", "pool:factor=2"], "model and table steps"),
+        (["--pipeline", "dare:p=0.5"], "not a fine-tune of this base"),
+        (["--pipeline", "vocabtrim"], "calibration texts"),
+    ]:
+        bad = tmp_path / "bad"
+        rc = main(["preprocess", "--checkpoint", str(src), "--out", str(bad), "-q", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, (argv, err)
+        assert not bad.exists()
+    assert main(["preprocess", "--checkpoint", str(src), "--pipeline", "gmp",
+                 "--out", str(out), "-q"]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_data_step_needs_a_train_split(tmp_path, capsys, data_dir):
+    from retrieval_prune.cli import main
+
+    rc = main(["preprocess", "--data", str(data_dir / "adi"), "--pipeline",
+               "random_pairs:keep=0.5", "--out", str(tmp_path / "sel.json"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train" in err and not (tmp_path / "sel.json").exists()
+
+
+def test_shipped_name_resolution_error_lists_names():
+    from retrieval_prune.encode import Encoder
+
+    with pytest.raises(FileNotFoundError, match="shipped checkpoint"):
+        Encoder.load("no-such-checkpoint")

@@ -198,3 +198,212 @@ def test_all_empty_and_no_documents(cls):
     for mv in (empty, none):
         out = step.transform(mv)
         assert len(out) == len(mv) and out.n_tokens == 0
+
+
+# ======================================================================================
+# Data, model and table stages: the same promises for every registered plug-in — spec
+# round trip, identity setting bit for bit, determinism, input never mutated, save -> load
+# round trip (model/table), exact budgets (data), bad input. Fixtures: a tiny random BERT
+# with MiniLM's tokenizer (synthetic weights) and the adi collection's texts.
+# ======================================================================================
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+DATA_PLUGINS = sorted(registry.available("data"))
+MODEL_PLUGINS = sorted(registry.available("model"))
+TABLE_PLUGINS = sorted(registry.available("table"))
+
+
+def _tiny_bert(seed=0):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
+
+    path = resolve_backbone(None)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg.update({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                "intermediate_size": 128})
+    torch.manual_seed(seed)
+    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    return ColBERTModel(bb, 32, tokenizer=tok, seed=seed).eval()
+
+
+def _copy(model):
+    tok, model.tokenizer = model.tokenizer, None
+    out = copy.deepcopy(model)
+    model.tokenizer = out.tokenizer = tok
+    return out
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def adi_texts(data_dir):
+    from retrieval_prune.data.beir import load_beir
+
+    c = load_beir(data_dir / "adi", split="test")
+    _, q = c.judged_queries()
+    return list(c.doc_texts), list(q)
+
+
+@pytest.fixture
+def model_setup(adi_texts):
+    """(base, fine-tuned, context): the fine-tune moves every tensor but the word table."""
+    from retrieval_prune.encode.checkpoint import colbert_spec
+    from retrieval_prune.encode.model import TextTokenizer, collate
+    from retrieval_prune.preprocess.base import ModelContext
+
+    base = _tiny_bert()
+    ft = _copy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if "word_embeddings" not in name:
+                p.add_(1e-2 * torch.randn(p.shape, generator=g))
+    tt = TextTokenizer(ft.tokenizer, colbert_spec(doc_maxlen=64))
+    docs, queries = adi_texts
+    cal = [collate(tt.documents(docs[:8]), range(8), tt.pad_id),
+           collate(tt.queries(queries[:8]), range(8), tt.pad_id)]
+    base_sd = {k: v for k, v in _state(base).items() if k != "projection.weight"}
+    ctx = ModelContext(base=base_sd, base_identity={"name": "tiny", "sha256": "0" * 64},
+                       calibration=cal, progress=False)
+    return base, ft, ctx
+
+
+def test_every_stage_has_plugins():
+    assert {"gmp", "dare"} <= set(MODEL_PLUGINS)
+    assert DATA_PLUGINS and TABLE_PLUGINS
+
+
+@pytest.mark.parametrize("name", DATA_PLUGINS + MODEL_PLUGINS + TABLE_PLUGINS)
+def test_stage_spec_round_trips(name):
+    cls = registry.get(name)
+    step = cls()
+    assert registry.build(step.spec).spec == step.spec
+    assert step.stage in ("data", "model", "table")
+    with pytest.raises(ValueError):
+        registry.build(f"{name}:no_such_param=1")
+
+
+# -- model ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODEL_PLUGINS)
+def test_model_step_contract(name, model_setup, tmp_path):
+    from retrieval_prune.encode.checkpoint import load_checkpoint, save_checkpoint
+
+    _, ft, ctx = model_setup
+    cls = registry.get(name)
+    before = _state(ft)
+    a = cls().apply(ft, ctx)
+    b = cls().apply(ft, ctx)
+    assert _same_state(_state(ft), before), "the input model was mutated"
+    assert _same_state(_state(a.model), _state(b.model)), "not deterministic"
+    assert a.report.stage == "model" and a.report.step == cls().spec
+    assert 0.0 <= a.report.kept_fraction <= 1.0
+    assert a.report.bytes_after <= a.report.bytes_before
+    delta = (ctx.base, ctx.base_identity) if a.delta_of is not None else None
+    save_checkpoint(a.model, tmp_path / "c", masks=a.masks, delta_base=delta)
+    if delta is None:
+        back = load_checkpoint(tmp_path / "c").model
+        assert _same_state(_state(back), _state(a.model))
+    if cls.identity_params is not None:
+        same = cls(**cls.identity_params).apply(ft, ctx)
+        assert _same_state(_state(same.model), before), "identity setting changed the model"
+
+
+@pytest.mark.parametrize("name", MODEL_PLUGINS)
+def test_model_step_refuses_non_finite(name, model_setup):
+    _, ft, ctx = model_setup
+    bad = _copy(ft)
+    with torch.no_grad():
+        bad.projection.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        registry.get(name)().apply(bad, ctx)
+
+
+# -- table ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TABLE_PLUGINS)
+def test_table_step_contract(name, adi_texts, tmp_path):
+    from retrieval_prune.encode.checkpoint import colbert_spec, load_checkpoint, save_checkpoint
+    from retrieval_prune.encode.model import TextTokenizer, collate
+
+    model = _tiny_bert()
+    spec = colbert_spec(doc_maxlen=64)
+    docs, queries = adi_texts
+    before = _state(model)
+    cls = registry.get(name)
+    a = cls().apply(model, docs + queries, spec)
+    b = cls().apply(model, docs + queries, spec)
+    assert _same_state(_state(model), before), "the input model was mutated"
+    assert _same_state(_state(a.model), _state(b.model)), "not deterministic"
+    assert a.report.stage == "table"
+    rows = a.model.backbone.embeddings.word_embeddings.weight.shape[0]
+    assert a.id_map.shape == (before["backbone.embeddings.word_embeddings.weight"].shape[0],)
+    assert int((a.id_map >= 0).sum()) == rows
+    # the vectors of every calibration text are unchanged
+    for kind, texts in (("documents", docs[:40]), ("queries", queries)):
+        ot, nt = TextTokenizer(model.tokenizer, spec), TextTokenizer(a.model.tokenizer, spec)
+        tk_o = getattr(ot, kind)(texts)
+        tk_n = getattr(nt, kind)(texts)
+        bo, bn = collate(tk_o, range(len(texts)), ot.pad_id), collate(tk_n, range(len(texts)), nt.pad_id)
+        with torch.inference_mode():
+            vo = model(bo.input_ids, bo.attention_mask, bo.vector_mask).vectors
+            vn = a.model(bn.input_ids, bn.attention_mask, bn.vector_mask).vectors
+        assert torch.equal(vo, vn), f"{kind} vectors changed"
+    save_checkpoint(a.model, tmp_path / "c", spec=spec)
+    back = load_checkpoint(tmp_path / "c").model
+    assert _same_state(_state(back), _state(a.model))
+    with pytest.raises((ValueError, TypeError)):
+        cls().apply(model, "one string is not a list", spec)
+
+
+# -- data -------------------------------------------------------------------------------
+def _pair_sets(adi_texts, seed=0):
+    """adi's queries as two 'collections' with synthetic unit pair embeddings and scores
+    (the selection rules' mechanics; adi has no train split, so nothing trains on it)."""
+    from retrieval_prune.preprocess.base import PairSet
+
+    _, queries = adi_texts
+    rng = np.random.default_rng(seed)
+    sets = []
+    for name, n in (("adi-a", len(queries)), ("adi-b", 57)):
+        topics = rng.standard_normal((5, 24))
+        e = topics[rng.integers(0, 5, n)] + 0.3 * rng.standard_normal((n, 24))
+        e[3] = e[2]  # an exact duplicate pair
+        e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+        sets.append(PairSet(name, [f"{name}-{i}" for i in range(n)], e, rng.random(n)))
+    return sets
+
+
+@pytest.mark.parametrize("name", DATA_PLUGINS)
+def test_data_step_contract(name, adi_texts):
+    sets = _pair_sets(adi_texts)
+    frozen = copy.deepcopy(sets)
+    cls = registry.get(name)
+    a = cls().select(sets)
+    b = cls().select(sets)
+    for s, f in zip(sets, frozen, strict=True):
+        assert s.query_ids == f.query_ids and np.array_equal(s.embeddings, f.embeddings)
+        assert np.array_equal(s.scores, f.scores)
+    assert a.kept == b.kept and a.aliases == b.aliases, "not deterministic"
+    for s in sets:
+        kept = a.kept[s.name]
+        assert kept and set(kept) <= set(s.query_ids)
+        assert kept == [q for q in s.query_ids if q in set(kept)], "input order not kept"
+        for removed, to in a.aliases[s.name].items():
+            assert removed not in kept and to in kept
+        if "keep" in cls.params:
+            assert len(kept) == max(1, round(cls().keep * len(s)))
+    assert a.report.stage == "data" and a.report.step == cls().spec
+    if cls.identity_params is not None:
+        same = cls(**cls.identity_params).select(sets)
+        assert all(same.kept[s.name] == s.query_ids for s in sets)
+    with pytest.raises(ValueError):
+        cls().select([])

@@ -1,8 +1,10 @@
 """Preprocessor plug-ins by stage; importing this package registers the built-in ones.
 
-Token stage (``retrieval_prune.preprocess.tokens``): ``attn_prune``, ``pool``, ``merge``,
-``crisp``. The ``data``, ``model`` and ``table`` stages have their protocol classes in
-:mod:`retrieval_prune.preprocess.base` and no plug-ins yet.
+Data stage (``preprocess.data``): ``semdedup``, ``dbp``, ``ccs``, ``top_importance``,
+``random_pairs`` (training-pair selection). Model stage (``preprocess.model``): ``gmp``,
+``dare``. Table stage (``preprocess.table``): ``vocabtrim``. Token stage
+(``preprocess.tokens``): ``attn_prune``, ``pool``, ``merge``, ``crisp``. The protocols are in
+:mod:`retrieval_prune.preprocess.base`.
 """
 
 from retrieval_prune.preprocess.base import (
@@ -11,6 +13,15 @@ from retrieval_prune.preprocess.base import (
     TablePreprocessor,
     TokenPreprocessor,
 )
+from retrieval_prune.preprocess.data import (
+    CoverageCentric,
+    DensityBasedPruning,
+    RandomPairs,
+    SemDeDup,
+    TopImportance,
+)
+from retrieval_prune.preprocess.model import Dare, GlobalMagnitude
+from retrieval_prune.preprocess.table import VocabTrim
 from retrieval_prune.preprocess.tokens import AttentionPrune, Crisp, Merge, Pool
 
 __all__ = [
@@ -22,4 +33,12 @@ __all__ = [
     "Pool",
     "Merge",
     "Crisp",
+    "Dare",
+    "GlobalMagnitude",
+    "VocabTrim",
+    "SemDeDup",
+    "DensityBasedPruning",
+    "CoverageCentric",
+    "TopImportance",
+    "RandomPairs",
 ]

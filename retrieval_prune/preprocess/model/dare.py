@@ -75,6 +75,12 @@ class Dare(ModelPreprocessor):
         masks: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
         n_delta = n_kept = 0
+        shared = [n for n, w in ft.items() if n in base and base[n].shape == w.shape]
+        if not shared:
+            raise ValueError(
+                f"{self.spec}: no tensor of the model has the base's name and shape; it is not "
+                "a fine-tune of this base (pass the right one: --base FOLDER)"
+            )
         for i, (name, w) in enumerate(ft.items()):
             b = base.get(name)
             if b is None or b.shape != w.shape or not w.is_floating_point():

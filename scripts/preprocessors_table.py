@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Rows of ``eval/results/preprocessors_scifact.{json,md}`` (issue #13): each preprocessed
+encoder (a checkpoint written by ``retrieval-prune preprocess`` or ``train --select``) beside
+its source encoder, on SciFact and out of domain.
+
+Per row and collection: exact-MaxSim nDCG@10 and R@100 of the row's encoder, its delta to the
+source's exact MaxSim, and the top-10 overlap with the source's exact run (no qrels needed).
+Per row: checkpoint and weights bytes, delta bytes (delta checkpoints), word-table rows,
+non-zero / total parameters, query-encode p50 at one thread measured interleaved with the
+source (query by query, ``--latency-queries``), ``query_encode_speedup`` = source p50 / row
+p50, document-encode ms per document, and the preprocess / training minutes from the
+checkpoint's metadata. Rows are merged into ``--json`` by ``(pipeline, source, label)`` so
+the table grows run by run; the .md is rewritten from the JSON each time.
+
+Usage::
+
+    python scripts/preprocessors_table.py --source .cache/checkpoints/ft128 \\
+        --row .cache/pre/ft128-dare-p0.99-s0 --data scifact --ood cranfield --ood med --ood cisi
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrieval_prune.atomic import atomic_write_json  # noqa: E402
+from retrieval_prune.encode import Encoder  # noqa: E402
+from retrieval_prune.encode.checkpoint import read_config, resolve_checkpoint  # noqa: E402
+from retrieval_prune.evaluation.runner import _top10, load_context  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "eval" / "results"
+
+
+def _load(ckpt: str | None) -> Encoder:
+    return Encoder.load(None if ckpt in (None, "zero-shot") else ckpt, num_threads=1)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _model_facts(enc: Encoder, ckpt: str | None) -> dict[str, Any]:
+    sd = enc.model.state_dict()
+    total = sum(v.numel() for v in sd.values())
+    nonzero = sum(int((v != 0).sum()) for v in sd.values())
+    facts: dict[str, Any] = {
+        "params_total": int(total),
+        "params_nonzero": int(nonzero),
+        "table_rows": int(enc.model.backbone.embeddings.word_embeddings.weight.shape[0]),
+        "checkpoint_bytes": None,
+        "weights_bytes": None,
+        "delta_bytes": None,
+    }
+    if ckpt not in (None, "zero-shot"):
+        folder = resolve_checkpoint(ckpt)
+        cfg = read_config(folder)
+        w = (folder / "model.safetensors").stat().st_size
+        facts["checkpoint_bytes"] = _folder_bytes(folder)
+        facts["weights_bytes"] = w
+        if (cfg.get("storage") or {}).get("kind") == "delta":
+            facts["delta_bytes"] = w
+        meta = cfg.get("metadata") or {}
+        pre = meta.get("preprocess") or {}
+        tr = meta.get("training") or {}
+        facts["prepare_minutes"] = round(pre.get("seconds", 0.0) / 60, 3) if pre else None
+        facts["train_minutes"] = round(tr.get("seconds", 0.0) / 60, 2) if tr else None
+        facts["train_threads"] = tr.get("threads")
+        sel = tr.get("selection")
+        facts["pairs_kept"] = (sel or {}).get("kept_pairs") if sel else None
+        facts["pipeline"] = pre.get("pipeline") or ((sel or {}).get("spec") if sel else None)
+    return facts
+
+
+def _interleaved_p50(src: Encoder, row: Encoder, texts: list[str]) -> tuple[float, float]:
+    import torch
+
+    torch.set_num_threads(1)
+    for enc in (src, row):
+        enc.encode_queries(texts[:4], progress=False)
+    ts: dict[int, list[float]] = {0: [], 1: []}
+    for i, t in enumerate(texts):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for j in order:
+            enc = src if j == 0 else row
+            t0 = time.perf_counter()
+            enc.encode_queries([t], progress=False)
+            ts[j].append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts[0])), float(np.median(ts[1]))
+
+
+def _doc_ms(enc: Encoder, texts: list[str]) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    enc.encode_documents(texts[:8], progress=False)
+    t0 = time.perf_counter()
+    enc.encode_documents(texts, progress=False)
+    return (time.perf_counter() - t0) * 1e3 / len(texts)
+
+
+def _quality(name: str, src: Encoder, row: Encoder) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(2)
+    sctx = load_context(name, lambda: src)
+    rctx = load_context(name, lambda: row)
+    ov = []
+    for q in sctx.qids:
+        a = set(_top10(sctx.exact_run.get(q, {})))
+        b = set(_top10(rctx.exact_run.get(q, {})))
+        ov.append(len(a & b) / max(len(a), 1))
+    return {
+        "ndcg@10": rctx.exact_metrics["ndcg@10"],
+        "recall@100": rctx.exact_metrics["recall@100"],
+        "source_ndcg@10": sctx.exact_metrics["ndcg@10"],
+        "delta_ndcg@10": rctx.exact_metrics["ndcg@10"] - sctx.exact_metrics["ndcg@10"],
+        "top10_overlap": float(np.mean(ov)),
+    }
+
+
+def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int,
+            label: str | None) -> dict[str, Any]:
+    from retrieval_prune.data.beir import load_beir, resolve_dataset
+
+    src, row = _load(source), _load(ckpt)
+    facts = _model_facts(row, ckpt)
+    cfg = read_config(resolve_checkpoint(ckpt)) if ckpt not in (None, "zero-shot") else {}
+    pre = (cfg.get("metadata") or {}).get("preprocess") or {}
+    reports = pre.get("reports") or []
+    stage = reports[-1]["stage"] if reports else ("data" if facts.get("pipeline") else "source")
+    out: dict[str, Any] = {
+        "label": label or Path(str(ckpt)).name,
+        "stage": stage,
+        "pipeline": facts.pop("pipeline", None) or "none",
+        "source": "zero-shot" if source in (None, "zero-shot") else Path(str(source)).name,
+        "checkpoint": str(ckpt),
+        **facts,
+        "reports": reports,
+    }
+    q = _quality(data, src, row)
+    out.update(q)
+    for name in ood:
+        for k, v in _quality(name, src, row).items():
+            out[f"{name}:{k}"] = v
+    corpus = load_beir(resolve_dataset(data), split="test")
+    _, qtexts = corpus.judged_queries()
+    texts = (list(qtexts) * (1 + n_lat // max(len(qtexts), 1)))[:n_lat]
+    s50, r50 = _interleaved_p50(src, row, texts)
+    out["source_query_encode_p50_ms"] = s50
+    out["query_encode_p50_ms"] = r50
+    out["query_encode_speedup"] = s50 / r50
+    out["doc_encode_ms_per_doc"] = _doc_ms(row, list(corpus.doc_texts[:96]))
+    out["latency_queries"] = len(texts)
+    out["threads"] = 1
+    return out
+
+
+def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str]) -> None:
+    head = ["label", "stage", "pipeline", "source", "ndcg@10", "delta_ndcg@10", "recall@100",
+            "top10_overlap", *[f"{o}:delta_ndcg@10" for o in ood], "weights MB", "delta MB",
+            "nonzero/total", "rows", "q p50 ms", "speedup", "doc ms"]
+    lines = ["# Data, model and table preprocessors (issue #13)", "",
+             "Exact MaxSim (no index compression) of each preprocessed encoder beside its "
+             "source; deltas are against the source's exact MaxSim on the same collection. "
+             "Query-encode p50 at one thread, interleaved query by query with the source.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v, nd=4):
+        if v is None:
+            return "-"
+        return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+    for r in rows:
+        cells = [r["label"], r["stage"], f"`{r['pipeline']}`", r["source"], f(r["ndcg@10"]),
+                 f"{r['delta_ndcg@10']:+.4f}", f(r["recall@100"]), f(r["top10_overlap"], 3),
+                 *[f"{r.get(f'{o}:delta_ndcg@10', float('nan')):+.4f}" for o in ood],
+                 f((r["weights_bytes"] or 0) / 1e6, 2),
+                 f(r["delta_bytes"] / 1e6, 2) if r.get("delta_bytes") else "-",
+                 f"{r['params_nonzero'] / r['params_total']:.3f}", str(r["table_rows"]),
+                 f(r["query_encode_p50_ms"], 2), f(r["query_encode_speedup"], 2),
+                 f(r["doc_encode_ms_per_doc"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Reproduce (each row):", "", "```", *commands, "```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default=None, help="source checkpoint (default zero-shot)")
+    ap.add_argument("--row", action="append", required=True, metavar="CKPT")
+    ap.add_argument("--label", action="append", default=None)
+    ap.add_argument("--data", default="scifact")
+    ap.add_argument("--ood", action="append", default=[])
+    ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--json", default=str(RESULTS / "preprocessors_scifact.json"))
+    ap.add_argument("--md", default=str(RESULTS / "preprocessors_scifact.md"))
+    ap.add_argument("--command", action="append", default=[],
+                    help="the command that made each row (recorded in the .md)")
+    args = ap.parse_args(argv)
+    path = Path(args.json)
+    doc = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+    for i, ckpt in enumerate(args.row):
+        label = args.label[i] if args.label and i < len(args.label) else None
+        row = measure(args.source, ckpt, args.data, args.ood, args.latency_queries, label)
+        key = (row["label"], row["source"])
+        doc["rows"] = [r for r in doc["rows"] if (r["label"], r["source"]) != key] + [row]
+        print(json.dumps({k: row[k] for k in ("label", "pipeline", "ndcg@10", "delta_ndcg@10",
+                                              "top10_overlap", "weights_bytes",
+                                              "query_encode_speedup")}))
+        atomic_write_json(path, doc, indent=1)
+    doc["commands"] = list(dict.fromkeys(doc.get("commands", []) + args.command))
+    atomic_write_json(path, doc, indent=1)
+    ood = sorted({k.split(":")[0] for r in doc["rows"] for k in r if k.endswith(":delta_ndcg@10")})
+    write_md(doc["rows"], Path(args.md), ood, doc["commands"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
