@@ -495,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--negatives", type=int, default=1,
                    help="hard negatives per query, besides in-batch ones (default 1)")
     t.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate (default 3e-5)")
-    t.add_argument("--precision", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="autocast precision of forward/backward (weights stay float32)")
+    t.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="autocast precision of forward/backward (weights stay float32); auto: "
+                        "bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable)")
     t.add_argument("--select", default=None, metavar="FILE.json|STEPS",
                    help="train on a selection of the pairs: a file from 'preprocess --data' "

@@ -381,3 +381,11 @@ def test_cli_train_rejects_bad_crisp_and_test_split(tmp_path, capsys):
     assert "--crisp '8by32' is not understood" in capsys.readouterr().err
     assert main(["train", "--data", "adi", "--out", str(tmp_path / "y")]) == 2
     assert "no qrels/train.tsv" in capsys.readouterr().err
+
+
+def test_precision_auto_resolves_to_what_the_cpu_computes_natively():
+    from retrieval_prune.train.loop import native_bf16
+
+    cfg = TrainConfig(data=("adi",))
+    assert cfg.precision == ("bfloat16" if native_bf16() else "float32")
+    assert TrainConfig(data=("adi",), precision="float32").precision == "float32"
