@@ -384,7 +384,7 @@ def test_cli_train_rejects_bad_crisp_and_test_split(tmp_path, capsys):
 
 
 def test_precision_auto_resolves_to_what_the_cpu_computes_natively():
-    from retrieval_prune.train.loop import native_bf16
+    from retrieval_prune.train.loop import TrainConfig, native_bf16
 
     cfg = TrainConfig(data=("adi",))
     assert cfg.precision == ("bfloat16" if native_bf16() else "float32")
