@@ -7,5 +7,6 @@ them.
 
 from retrieval_prune.preprocess.model.dare import Dare
 from retrieval_prune.preprocess.model.gmp import GlobalMagnitude
+from retrieval_prune.preprocess.model.loraprune import LoRAPrune
 
-__all__ = ["Dare", "GlobalMagnitude"]
+__all__ = ["Dare", "GlobalMagnitude", "LoRAPrune"]
