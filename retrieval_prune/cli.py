@@ -204,7 +204,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return _preprocess_data(args, stages)
     meta = preprocess_model(
         args.checkpoint, args.pipeline, args.out, data=args.data or [], base=args.base,
-        overwrite=args.overwrite, progress=not args.quiet,
+        steps=args.steps, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
     )
     info = meta["preprocess"]
     for r in info["reports"]:
@@ -561,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "MiniLM")
     pp.add_argument("--scores-from", default=None, metavar="CKPT",
                     help="data steps that need difficulty scores (ccs): the full-data checkpoint")
-    pp.add_argument("--steps", type=int, default=0, help="recovery/training steps (0: none)")
-    pp.add_argument("--minutes", type=float, default=45.0, help="budget of training steps")
+    pp.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps of steps that train (loraprune), over --data's pairs")
+    pp.add_argument("--seed", type=int, default=0, help="batch order of those steps")
     pp.add_argument("--out", required=True, metavar="DIR|FILE.json")
     pp.add_argument("--overwrite", action="store_true")
     pp.add_argument("-q", "--quiet", action="store_true")

@@ -318,12 +318,6 @@ def test_save_load_ffn_only(tmp_path, model, ctx, probe):
         assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(
-    raises=TypeError, strict=True,
-    reason="encode/checkpoint.py load_checkpoint passes backbone_config['pruned_heads'] with "
-    "JSON's str keys to AutoConfig.for_model, and transformers' prune_heads then indexes the "
-    "layer list with '0'; needs int keys (remove this marker with that fix)",
-)
 def test_save_load_heads_and_ffn(tmp_path, pruned, probe):
     from retrieval_prune.encode.checkpoint import load_checkpoint, save_checkpoint
 

@@ -273,8 +273,17 @@ def model_setup(adi_texts):
     cal = [collate(tt.documents(docs[:8]), range(8), tt.pad_id),
            collate(tt.queries(queries[:8]), range(8), tt.pad_id)]
     base_sd = {k: v for k, v in _state(base).items() if k != "projection.weight"}
+    # training steps (needs_training plug-ins: loraprune): the recipe over 8 adi pairs
+    from retrieval_prune.train.data import load_pairs
+    from retrieval_prune.train.recipe import training_context
+
+    pairs = load_pairs("adi", split="test", allow_eval_split=True, negatives="none",
+                       max_queries=8)
+    loss_fn, batches = training_context(ft, [], steps=2, batch_size=4, pairs=[pairs],
+                                        progress=False)
     ctx = ModelContext(base=base_sd, base_identity={"name": "tiny", "sha256": "0" * 64},
-                       calibration=cal, progress=False)
+                       calibration=cal, loss_fn=loss_fn, batches=batches, steps=2,
+                       progress=False)
     return base, ft, ctx
 
 

@@ -274,6 +274,16 @@ def load_checkpoint(
 
     spec = TokenizerSpec.from_dict(cfg["tokenizer_spec"])
     bcfg = dict(cfg["backbone_config"])
+    # JSON wrote config.pruned_heads' layer keys as strings; transformers prunes those heads
+    # while it builds the model (init_weights -> prune_heads) and indexes its layers with them
+    heads = bcfg.get("pruned_heads")
+    if heads:
+        try:
+            bcfg["pruned_heads"] = {int(k): sorted(int(h) for h in v) for k, v in heads.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path / CONFIG_FILE}: backbone_config.pruned_heads is malformed: {heads!r}"
+            ) from exc
     model_type = bcfg.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path / CONFIG_FILE}: backbone_config lacks model_type")

@@ -122,13 +122,19 @@ def preprocess_model(
     *,
     data: Sequence[str] = (),
     base: str | os.PathLike | None = None,
+    steps: int = 0,
+    seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Apply the model and table steps of ``spec`` to the source encoder; write ``out``.
 
+    ``steps``: optimizer steps of the training recipe (over ``data``'s training pairs) for
+    steps that train (``loraprune``); ``seed``: their batch order.
+
     Returns the metadata written into the checkpoint (source, pipeline, reports).
     """
+    steps_ = steps
     stages = split_stages(spec)
     other = [s.spec for st in ("data", "tokens", "codec", "index") for s in stages[st]]
     if other:
@@ -155,6 +161,16 @@ def preprocess_model(
         if not data:
             raise ValueError("dare mode=darex-q needs a calibration batch: pass --data NAME")
         ctx.calibration = calibration_batches(model, tok_spec, data)
+    if any(getattr(s, "needs_training", False) for s in steps):
+        from retrieval_prune.train.recipe import training_context
+
+        if not data:
+            names = [s.spec for s in steps if getattr(s, "needs_training", False)]
+            raise ValueError(f"{names} train: pass --data NAME (training pairs) and --steps N")
+        ctx.steps = int(steps_)
+        ctx.loss_fn, ctx.batches = training_context(
+            model, list(data), steps=int(steps_), seed=seed, spec=tok_spec, progress=progress
+        )
     masks: dict[str, torch.Tensor] = {}
     delta_of = None
     reports = []
@@ -178,6 +194,7 @@ def preprocess_model(
             "pipeline": canonical,
             "reports": reports,
             "data": list(data),
+            "steps": int(steps_),
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }
