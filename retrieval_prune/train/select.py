@@ -223,7 +223,7 @@ def el2n_scores(
     from tqdm.auto import tqdm
 
     from retrieval_prune.encode import Encoder
-    from retrieval_prune.kernels.ops import maxsim_rerank
+    from retrieval_prune.kernels.ops import maxsim_scores
 
     t0 = time.perf_counter()
     enc = Encoder.load(checkpoint)
@@ -233,11 +233,18 @@ def el2n_scores(
     )
     queries = enc.encode_queries(pairs.query_texts, progress=progress)
     cand = _el2n_candidates(pairs, EL2N_CANDIDATES, EL2N_HARD)
-    d_emb = np.ascontiguousarray(docs.embeddings)
+    d_emb, d_off = docs.embeddings, docs.offsets
     scores = np.empty(len(pairs), np.float64)
     for i in tqdm(range(len(pairs)), desc=f"el2n {pairs.name}", disable=not progress):
         q = queries.embeddings[queries.offsets[i] : queries.offsets[i + 1]]
-        s = maxsim_rerank(q, d_emb, docs.offsets, cand[i]).astype(np.float64)
+        # the candidates' vectors gathered into a small CSR (MaxSim checks its whole input)
+        ids = cand[i][cand[i] >= 0]
+        lens = d_off[ids + 1] - d_off[ids]
+        sub_off = np.zeros(ids.size + 1, np.int64)
+        np.cumsum(lens, out=sub_off[1:])
+        rows = np.concatenate([np.arange(d_off[j], d_off[j + 1]) for j in ids])
+        s = np.full(cand.shape[1], -np.inf)
+        s[: ids.size] = maxsim_scores(q, np.ascontiguousarray(d_emb[rows]), sub_off)
         s = np.where(np.isfinite(s), s / max(q.shape[0], 1) / temperature, -np.inf)
         if not np.isfinite(s.max()):  # no candidate has a vector: as hard as it gets
             scores[i] = float(np.sqrt(2.0))
