@@ -223,8 +223,6 @@ def _preprocess_data(args: argparse.Namespace, stages: dict[str, list[Any]]) -> 
     if other:
         raise ValueError(f"data steps select training pairs on their own; run {other} in a "
                          "second preprocess call on the trained checkpoint")
-    if len(stages["data"]) != 1:
-        raise ValueError("give one data step per preprocess call (its selection is one file)")
     if not args.data:
         raise ValueError("data steps need --data NAME (a collection with a train split)")
     if not str(args.out).endswith(".json"):
@@ -232,8 +230,8 @@ def _preprocess_data(args: argparse.Namespace, stages: dict[str, list[Any]]) -> 
     if Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
     pairs = [load_pairs(n, progress=not args.quiet) for n in args.data]
-    _, sel = select_pairs(stages["data"][0].spec, pairs, args.scores_from,
-                          progress=not args.quiet)
+    spec = " | ".join(st.spec for st in stages["data"])  # chained: each on what the last kept
+    _, sel = select_pairs(spec, pairs, args.scores_from, progress=not args.quiet)
     save_selection(sel, args.out)
     for name, ids in sel.kept.items():
         n = sel.report.details.get(name, {}).get("queries", len(ids))

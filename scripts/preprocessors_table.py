@@ -84,6 +84,7 @@ def _interleaved_p50(src: Encoder, row: Encoder, texts: list[str]) -> tuple[floa
 
     torch.set_num_threads(1)
     for enc in (src, row):
+        enc.num_threads = 1
         enc.encode_queries(texts[:4], progress=False)
     ts: dict[int, list[float]] = {0: [], 1: []}
     for i, t in enumerate(texts):
@@ -100,6 +101,7 @@ def _doc_ms(enc: Encoder, texts: list[str]) -> float:
     import torch
 
     torch.set_num_threads(1)
+    enc.num_threads = 1
     enc.encode_documents(texts[:8], progress=False)
     t0 = time.perf_counter()
     enc.encode_documents(texts, progress=False)
@@ -107,9 +109,7 @@ def _doc_ms(enc: Encoder, texts: list[str]) -> float:
 
 
 def _quality(name: str, src: Encoder, row: Encoder) -> dict[str, float]:
-    import torch
-
-    torch.set_num_threads(2)
+    src.num_threads = row.num_threads = None  # corpus encoding: every usable core
     sctx = load_context(name, lambda: src)
     rctx = load_context(name, lambda: row)
     ov = []

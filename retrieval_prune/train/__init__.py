@@ -29,6 +29,11 @@ _LAZY = {
     "TrainConfig": "loop",
     "TrainResult": "loop",
     "train": "loop",
+    "pair_sets": "select",
+    "select_pairs": "select",
+    "save_selection": "select",
+    "load_selection": "select",
+    "training_context": "recipe",
 }
 
 __all__ = sorted(_LAZY)
