@@ -246,7 +246,7 @@ def test_darex_q_picks_from_its_grid_and_needs_calibration():
         ft, ModelContext(base=base, base_identity=ident, calibration=cal))
     q = res.report.details["q"]
     curve = res.report.details["q_curve"]
-    assert 0.1 - 1e-9 <= q <= 1.0 and min(e for _, e in curve) == dict(curve)[q]
+    assert 0.05 - 1e-9 <= q <= 1.0 and min(e for _, e in curve) == dict(curve)[q]
 
 
 def test_gmp_exact_budget_and_minimum():

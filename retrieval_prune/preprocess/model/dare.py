@@ -36,8 +36,8 @@ from retrieval_prune.registry import Param, register
 __all__ = ["Dare"]
 
 _MODES = ("dare", "darex-q", "magnitude")
-#: DAREx-q's search grid for q: geometric from 1 - p up to 1 (no rescale)
-_Q_POINTS = 17
+#: DAREx-q's search grid for q: geometric from (1 - p) / 2 up to 1 (no rescale)
+_Q_POINTS = 21
 
 
 @register
@@ -134,12 +134,15 @@ class Dare(ModelPreprocessor):
         return ModelResult(out, masks, dict(ident), report)
 
     def _search_q(self, model, base, ft, masks, deltas, calibration, p):
-        """q on a geometric grid from ``1 - p`` to 1 minimising the mean squared change of
+        """q on a geometric grid from ``(1 - p) / 2`` to 1 (and ``1 - p``) minimising the mean squared change of
         the last hidden states (before projection and normalisation) on the calibration
         batches, against the fine-tuned model."""
         ref = _last_hidden(model, calibration)
         probe = clone_model(model)
-        grid = np.geomspace(1.0 - p, 1.0, _Q_POINTS)
+        # both sides of DARE's own q = 1 - p: a smaller rescale (q up to 1) and a larger one
+        # (q down to (1 - p) / 2), plus 1 - p itself
+        grid = np.unique(np.concatenate([np.geomspace(0.5 * (1.0 - p), 1.0, _Q_POINTS),
+                                         [1.0 - p]]))
         curve = []
         for q in grid:
             _write_merged(probe, ft, base, masks, deltas, 1.0 / float(q))
