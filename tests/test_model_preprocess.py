@@ -17,7 +17,7 @@ from retrieval_prune.encode.checkpoint import (
     set_ffn_sizes,
     stored_bytes,
 )
-from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
+from retrieval_prune.encode.model import ColBERTModel, backbone_identity, resolve_backbone
 from retrieval_prune.preprocess.base import ModelContext
 
 
@@ -328,3 +328,21 @@ def test_shipped_name_resolution_error_lists_names():
 
     with pytest.raises(FileNotFoundError, match="shipped checkpoint"):
         Encoder.load("no-such-checkpoint")
+
+
+def test_shipped_ft128_loads_by_name_over_the_installed_base():
+    """The fine-tuned 128-d encoder ships as a DARE delta (scripts/ship_ft128.py); it loads by
+    name on a fresh clone, checked against the base's sha256."""
+    from retrieval_prune.encode import Encoder
+    from retrieval_prune.encode.checkpoint import SHIPPED, read_config
+
+    folder = SHIPPED / "ft128"
+    cfg = read_config(folder)
+    assert cfg["storage"]["kind"] == "delta"
+    base = cfg["storage"]["base"]
+    assert base["sha256"] == backbone_identity(resolve_backbone(None))["sha256"]
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 5_000_000
+    enc = Encoder.load("ft128")
+    assert enc.dim == 128 and enc.identity["name"] == "ft128"
+    q = enc.encode_queries(["do statins reduce cardiovascular risk?"], progress=False)
+    assert q.n_tokens == 32 and np.allclose(np.linalg.norm(q.embeddings, axis=1), 1, atol=1e-5)
