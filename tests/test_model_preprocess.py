@@ -346,3 +346,14 @@ def test_shipped_ft128_loads_by_name_over_the_installed_base():
     assert enc.dim == 128 and enc.identity["name"] == "ft128"
     q = enc.encode_queries(["do statins reduce cardiovascular risk?"], progress=False)
     assert q.n_tokens == 32 and np.allclose(np.linalg.norm(q.embeddings, axis=1), 1, atol=1e-5)
+
+
+def test_index_settings_reload_the_shipped_encoder():
+    from retrieval_prune.encode import Encoder
+
+    enc = Encoder.load("ft128")
+    again = Encoder.from_settings(enc.settings)
+    assert again.identity == enc.identity
+    bad = {**enc.settings, "checkpoint": {**enc.identity, "sha256": "0" * 64}}
+    with pytest.raises(ValueError, match="another"):
+        Encoder.from_settings(bad)

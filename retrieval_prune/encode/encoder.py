@@ -310,8 +310,9 @@ class Encoder:
     def from_settings(cls, settings: Mapping[str, Any], checkpoint: str | Path | None = None,
                       **kw: Any) -> Encoder:
         """The encoder that ``settings`` (an index's ``encoder_settings``) describe, precision
-        included: zero-shot and ``"untrained-colbert"`` only. An index records a trained
-        checkpoint's name and sha256, not its folder: load that with
+        included: zero-shot, ``"untrained-colbert"`` and shipped checkpoints (``ft128``, checked
+        by sha256). An index records a trained checkpoint's name and sha256, not its folder:
+        load that with
         ``Encoder.load(folder, precision=...)``, or give it as ``checkpoint``. ``kw`` go to
         :meth:`load` (``batch_size``, ``num_threads``, ...)."""
         ident = settings.get("checkpoint") or {}
@@ -329,6 +330,16 @@ class Encoder:
             return cls.load(None, precision=precision, **spec, **kw)
         if name == UNTRAINED_COLBERT:
             return cls.load(UNTRAINED_COLBERT, precision=precision, **spec, **kw)
+        if isinstance(name, str) and name and (SHIPPED / name).is_dir():
+            enc = cls.load(name, precision=precision, **spec, **kw)
+            want = ident.get("sha256") if isinstance(ident, Mapping) else None
+            if want and enc.identity.get("sha256") != want:
+                raise ValueError(
+                    f"the index was encoded with checkpoint {name!r} sha256 {want[:16]}..., but "
+                    f"the shipped {name!r} is {enc.identity.get('sha256', '')[:16]}... (another "
+                    "version); pass that checkpoint's folder (CLI: --checkpoint FOLDER)"
+                )
+            return enc
         raise ValueError(
             f"the index was encoded with checkpoint {name!r}, whose folder the index does not "
             "record; pass checkpoint=FOLDER (CLI: --checkpoint FOLDER)"
