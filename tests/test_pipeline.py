@@ -54,7 +54,7 @@ def test_the_spec_grammar_is_split_only_in_the_registry():
 @pytest.fixture
 def data_step(monkeypatch):
     class Dedup(DataPreprocessor):
-        """A stand-in data step (the real ones come with the preprocessors issue)."""
+        """A stand-in data step (a third-party plug-in)."""
 
         name = "test_dedup"
         params = {"eps": registry.Param(0.1, float, low=0.0, high=1.0)}
@@ -63,12 +63,13 @@ def data_step(monkeypatch):
     return Dedup
 
 
-def test_pre_encoding_steps_parse_but_the_builder_refuses_them(data_step, tmp_path):
+def test_pre_encoding_steps_parse_but_the_builder_points_to_preprocess(data_step, tmp_path):
     p = make_pipeline("test_dedup:eps=0.05 | pool:factor=2 | residual:k=16,nbits=2")
     assert p.stages()["data"] == ["test_dedup:eps=0.05"]
     assert p.spec.startswith("test_dedup:eps=0.05 | pool:factor=2")
     docs = clustered_docs(40, seed=1)
-    with pytest.raises(UnsupportedStageError, match=r"test_dedup:eps=0.05 \(data\).*build path"):
+    with pytest.raises(UnsupportedStageError,
+                       match=r"test_dedup:eps=0.05 \(data\).*retrieval-prune preprocess"):
         build(p, [f"d{i}" for i in range(40)], docs=docs, out=tmp_path / "ix")
     assert not (tmp_path / "ix").exists()  # refused before any work
 

@@ -44,7 +44,7 @@ __all__ = ["Pipeline", "make_pipeline", "ALIASES", "STAGE_ORDER", "UnsupportedSt
 
 #: the order stages take in a spec (the registry's)
 STAGE_ORDER = registry.STAGES
-#: stages that act before encoding (their plug-ins arrive with the preprocessors issue)
+#: stages that act before encoding (run by ``retrieval-prune preprocess``, not the builder)
 PRE_ENCODING_STAGES = ("data", "model", "table")
 
 #: names that stand for a whole pipeline spec; ``default`` is the recommended compressed
@@ -122,10 +122,10 @@ class Pipeline:
         if self.pre_encoding_steps:
             names = ", ".join(f"{s.spec} ({s.stage})" for s in self.pre_encoding_steps)
             raise UnsupportedStageError(
-                f"{names}: the build path does not apply {'/'.join(PRE_ENCODING_STAGES)} steps "
-                "yet (they need the preprocessor plug-in contracts of the data/model/table "
-                "issue); drop them from the spec, or apply them to the encoder and training "
-                "pairs before building"
+                f"{names}: {'/'.join(PRE_ENCODING_STAGES)} steps act before encoding; apply "
+                "them with 'retrieval-prune preprocess --pipeline STEPS --out DIR' (data steps: "
+                "--out FILE.json, then 'train --select FILE.json') and build with "
+                "--checkpoint DIR and the remaining token/codec/index steps"
             )
 
     # -- the query path and the in-memory vector build ------------------------------------
