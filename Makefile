@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DATA ?= scifact
 DEMO_PIPELINES ?= --pipeline default
+# the fine-tuned 128-d encoder shipped in the package (a DARE delta over MiniLM);
+# DEMO_CHECKPOINT= (empty) gives the zero-shot 384-d encoder instead
+DEMO_CHECKPOINT ?= ft128
 
 .PHONY: demo test test-slow bench lint env clean-cache peers
 
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/retrieval-prune eval --data $(DEMO_DATA) $(DEMO_PIPELINES) --json indexes/demo_$(DEMO_DATA).json
+	$(BIN)/retrieval-prune eval --data $(DEMO_DATA) $(if $(DEMO_CHECKPOINT),--checkpoint $(DEMO_CHECKPOINT)) $(DEMO_PIPELINES) --json indexes/demo_$(DEMO_DATA).json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -415,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "dataset to download)" + (" (repeatable)" if multiple else ""))
         sp.add_argument("--split", default="test", help="qrels split (default: test)")
         sp.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="ColBERT-style checkpoint folder, or 'untrained-colbert'; "
-                             "default: zero-shot 384-d MiniLM tokens")
+                        help="ColBERT-style checkpoint folder, 'ft128' (the shipped fine-tuned "
+                             "128-d encoder) or 'untrained-colbert'; default: zero-shot 384-d "
+                             "MiniLM tokens")
         sp.add_argument("--max-docs", type=int, default=None,
                         help="keep the first N documents plus every judged one (quick runs)")
 
