@@ -249,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=tuple(args.data), crisp=args.crisp, minutes=args.minutes, max_steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
-        precision=args.precision, threads=args.threads, select=args.select,
+        precision=args.precision, threads=args.threads, select=args.select, init=args.init,
     )
     res = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     losses = res.losses
@@ -498,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision of forward/backward (weights stay float32); auto: "
                         "bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable)")
+    t.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from this checkpoint (folder or ft128) instead of MiniLM; its "
+                        "masked sparse tensors (gmp) stay masked: a masked recovery run")
     t.add_argument("--select", default=None, metavar="FILE.json|STEPS",
                    help="train on a selection of the pairs: a file from 'preprocess --data' "
                         "or a data-step spec (e.g. 'semdedup:eps=0.05')")

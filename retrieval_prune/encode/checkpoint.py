@@ -62,6 +62,7 @@ __all__ = [
     "SHIPPED",
     "resolve_checkpoint",
     "stored_bytes",
+    "stored_masks",
 ]
 
 CHECKPOINT_FORMAT = "retrieval_prune.colbert_checkpoint"
@@ -417,6 +418,27 @@ def stored_bytes(
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tensors, _ = _encode_state(state, masks or {}, delta_base)
     return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def stored_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The bool masks of a checkpoint's masked sparse tensors (``gmp``), by parameter name;
+    empty for a dense checkpoint. Delta masks (``dare``) are not masks of the weights."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    cfg = read_config(path)
+    layout = cfg.get("storage") or {}
+    kinds = layout.get("tensors") or {}
+    shapes = layout.get("shapes") or {}
+    out = {}
+    names = [n for n, k in kinds.items() if k == "sparse"]
+    if names:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            for n in names:
+                shape = tuple(int(x) for x in shapes[n])
+                numel = int(np.prod(shape))
+                out[n] = _unbits(f.get_tensor(n + _SEP + "mask"), numel).reshape(shape)
+    return out
 
 
 def _decode_state(

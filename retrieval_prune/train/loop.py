@@ -99,6 +99,10 @@ class TrainConfig:
     freeze_embeddings : keep the word-embedding table fixed (saves a dense 30522x384
         gradient and AdamW update per step; positions and LayerNorm still train).
     save_every_minutes : also save mid-run (atomically, same folder); 0 = only at the end.
+    init : start from this checkpoint (folder or shipped name) instead of the MiniLM base and a
+        fresh projection. Tensors it stores masked sparse (``gmp``) stay masked: their pruned
+        entries are zeroed after every optimizer step and the result is saved sparse again
+        (a masked recovery run).
     dim : projection size.
     select : train on a selection of the training queries: a selection file written by
         :func:`~retrieval_prune.train.select.save_selection` (``*.json``) or a data-step spec
@@ -128,6 +132,7 @@ class TrainConfig:
     save_every_minutes: float = 15.0
     dim: int = 128
     select: str | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -400,8 +405,23 @@ def train(
             from retrieval_prune.train.select import apply_selection
 
             pairs, selection = apply_selection(config.select, pairs, progress=progress)
+        masks: dict[str, torch.Tensor] = {}
+        if model is None and config.init is not None:
+            from retrieval_prune.encode.checkpoint import (
+                load_checkpoint,
+                resolve_checkpoint,
+                stored_masks,
+            )
+
+            folder = resolve_checkpoint(config.init)
+            model = load_checkpoint(folder).model
+            if model.dim != config.dim:
+                raise ValueError(f"init={config.init!r} has dim {model.dim}, config dim={config.dim}")
+            masks = stored_masks(folder)
         if model is None:
             model = ColBERTModel.from_backbone(dim=config.dim, seed=config.seed)
+        params = dict(model.named_parameters())
+        masked = [(params[n], m) for n, m in masks.items() if n in params]
         train_spec = colbert_spec(doc_maxlen=config.doc_maxlen, query_maxlen=config.query_maxlen)
         index_spec = colbert_spec(
             doc_maxlen=config.index_doc_maxlen, query_maxlen=config.query_maxlen
@@ -484,6 +504,10 @@ def train(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
+                if masked:
+                    with torch.no_grad():
+                        for p_, m_ in masked:
+                            p_.mul_(m_)
                 step += 1
                 lv = float(loss.detach())
                 losses.append(lv)
@@ -500,13 +524,15 @@ def train(
                     and time.monotonic() - last_save >= config.save_every_minutes * 60
                     and step < config.max_steps
                 ):
-                    save_checkpoint(model, out, metadata(False), spec=index_spec, overwrite=True)
+                    save_checkpoint(model, out, metadata(False), spec=index_spec, overwrite=True,
+                                    masks=masks)
                     last_save = time.monotonic()
         finally:
             bar.close()
         model.eval()
         path = save_checkpoint(
-            model, out, metadata(True), spec=index_spec, overwrite=overwrite or out.exists()
+            model, out, metadata(True), spec=index_spec, overwrite=overwrite or out.exists(),
+            masks=masks,
         )
         return TrainResult(path, step, time.monotonic() - t_start, losses, stopped_by)
     finally:
