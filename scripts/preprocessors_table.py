@@ -163,7 +163,8 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
     return out
 
 
-def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str]) -> None:
+def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str],
+             notes: list[str] | None = None) -> None:
     head = ["label", "stage", "pipeline", "source", "ndcg@10", "delta_ndcg@10", "recall@100",
             "top10_overlap", *[f"{o}:delta_ndcg@10" for o in ood], "weights MB", "delta MB",
             "nonzero/total", "rows", "q p50 ms", "speedup", "doc ms"]
@@ -188,6 +189,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
                  f(r["query_encode_p50_ms"], 2), f(r["query_encode_speedup"], 2),
                  f(r["doc_encode_ms_per_doc"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "Reproduce (each row):", "", "```", *commands, "```", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -195,7 +198,7 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="source checkpoint (default zero-shot)")
-    ap.add_argument("--row", action="append", required=True, metavar="CKPT")
+    ap.add_argument("--row", action="append", default=[], metavar="CKPT")
     ap.add_argument("--label", action="append", default=None)
     ap.add_argument("--data", default="scifact")
     ap.add_argument("--ood", action="append", default=[])
@@ -204,22 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=str(RESULTS / "preprocessors_scifact.md"))
     ap.add_argument("--command", action="append", default=[],
                     help="the command that made each row (recorded in the .md)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a finding to list under the table (recorded in the JSON)")
     args = ap.parse_args(argv)
     path = Path(args.json)
-    doc = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+
+    def read() -> dict[str, Any]:  # re-read before each write: several runs may share it
+        return json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+
     for i, ckpt in enumerate(args.row):
         label = args.label[i] if args.label and i < len(args.label) else None
         row = measure(args.source, ckpt, args.data, args.ood, args.latency_queries, label)
+        doc = read()
         key = (row["label"], row["source"])
         doc["rows"] = [r for r in doc["rows"] if (r["label"], r["source"]) != key] + [row]
         print(json.dumps({k: row[k] for k in ("label", "pipeline", "ndcg@10", "delta_ndcg@10",
                                               "top10_overlap", "weights_bytes",
                                               "query_encode_speedup")}))
         atomic_write_json(path, doc, indent=1)
+    doc = read()
     doc["commands"] = list(dict.fromkeys(doc.get("commands", []) + args.command))
+    doc["notes"] = list(dict.fromkeys(doc.get("notes", []) + args.note))
     atomic_write_json(path, doc, indent=1)
     ood = sorted({k.split(":")[0] for r in doc["rows"] for k in r if k.endswith(":delta_ndcg@10")})
-    write_md(doc["rows"], Path(args.md), ood, doc["commands"])
+    write_md(doc["rows"], Path(args.md), ood, doc["commands"], doc.get("notes"))
     return 0
 
 
