@@ -76,6 +76,13 @@ def _model_facts(enc: Encoder, ckpt: str | None) -> dict[str, Any]:
         sel = tr.get("selection")
         facts["pairs_kept"] = (sel or {}).get("kept_pairs") if sel else None
         facts["pipeline"] = pre.get("pipeline") or ((sel or {}).get("spec") if sel else None)
+        init = (tr.get("config") or {}).get("init")
+        if init and not pre:  # a recovery run: the step it recovers, then the recipe
+            src_pre = (read_config(resolve_checkpoint(init)).get("metadata") or {}).get(
+                "preprocess") or {}
+            facts["pipeline"] = (f"{src_pre.get('pipeline', init)} + recovery "
+                                 f"({tr.get('steps')} steps)")
+            facts["stage"] = "model"
     return facts
 
 
@@ -135,7 +142,8 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
     cfg = read_config(resolve_checkpoint(ckpt)) if ckpt not in (None, "zero-shot") else {}
     pre = (cfg.get("metadata") or {}).get("preprocess") or {}
     reports = pre.get("reports") or []
-    stage = reports[-1]["stage"] if reports else ("data" if facts.get("pipeline") else "source")
+    stage = facts.pop("stage", None) or (
+        reports[-1]["stage"] if reports else ("data" if facts.get("pipeline") else "source"))
     out: dict[str, Any] = {
         "label": label or Path(str(ckpt)).name,
         "stage": stage,
@@ -182,7 +190,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
     for r in rows:
         cells = [r["label"], r["stage"], f"`{r['pipeline']}`", r["source"], f(r["ndcg@10"]),
                  f"{r['delta_ndcg@10']:+.4f}", f(r["recall@100"]), f(r["top10_overlap"], 3),
-                 *[f"{r.get(f'{o}:delta_ndcg@10', float('nan')):+.4f}" for o in ood],
+                 *[f"{r[f'{o}:delta_ndcg@10']:+.4f}" if f"{o}:delta_ndcg@10" in r else "-"
+                   for o in ood],
                  f((r["weights_bytes"] or 0) / 1e6, 2),
                  f(r["delta_bytes"] / 1e6, 2) if r.get("delta_bytes") else "-",
                  f"{r['params_nonzero'] / r['params_total']:.3f}", str(r["table_rows"]),
