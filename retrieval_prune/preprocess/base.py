@@ -260,6 +260,18 @@ class DataPreprocessor(Component):
     needs_scores: ClassVar[bool] = False
     identity_params: ClassVar[dict[str, Any] | None] = None
 
+    @classmethod
+    def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # ``keep`` is a fraction in (0, 1]; the registry's bounds are inclusive, so 0 is
+        # refused here, once for every data plug-in that declares it
+        values = super()._check_params(kwargs)
+        keep = values.get("keep")
+        if keep is not None and not 0.0 < float(keep) <= 1.0:
+            raise ValueError(
+                f"{cls.name}: keep={keep} must be in (0, 1] (the fraction of training queries kept)"
+            )
+        return values
+
     def budget(self, n: int) -> int:
         """Queries kept out of ``n`` under the ``keep`` parameter (exact, at least one)."""
         keep = getattr(self, "keep", None)

@@ -11,13 +11,11 @@ and the input only.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from retrieval_prune.kernels import tokens as K
 
-__all__ = ["auto_clusters", "kmeans", "cosine_to_centroids", "check_keep", "KMEANS_ITERS"]
+__all__ = ["auto_clusters", "kmeans", "cosine_to_centroids", "KMEANS_ITERS"]
 
 #: Lloyd steps (stops earlier when the assignment settles)
 KMEANS_ITERS = 30
@@ -77,14 +75,3 @@ def cosine_to_centroids(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray
     xu = unit_rows(np.asarray(x, np.float64))
     cu = unit_rows(centroids)
     return 1.0 - np.einsum("ij,ij->i", xu, cu[labels])
-
-
-def check_keep(name: str, values: dict[str, Any]) -> dict[str, Any]:
-    """``keep`` must lie in (0, 1] (the registry's bounds are inclusive, so 0 is refused
-    here with the same kind of message)."""
-    keep = values.get("keep")
-    if keep is not None and not 0.0 < float(keep) <= 1.0:
-        raise ValueError(
-            f"{name}: keep={keep} must be in (0, 1] (the fraction of training queries kept)"
-        )
-    return values

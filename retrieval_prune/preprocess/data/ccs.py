@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from retrieval_prune.preprocess.base import DataPreprocessor, PairSet
-from retrieval_prune.preprocess.data._cluster import check_keep
 from retrieval_prune.registry import Param, register
 
 __all__ = ["CoverageCentric", "TopImportance", "RandomPairs", "paper_beta", "stratum_budgets"]
@@ -116,7 +115,7 @@ class CoverageCentric(DataPreprocessor):
 
     @classmethod
     def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        values = check_keep(cls.name, super()._check_params(kwargs))
+        values = super()._check_params(kwargs)
         values["beta"] = _beta_value(cls.name, values["beta"])
         return values
 
@@ -183,10 +182,6 @@ class TopImportance(DataPreprocessor):
     needs_scores: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, Any]] = {"keep": 1.0}
 
-    @classmethod
-    def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return check_keep(cls.name, super()._check_params(kwargs))
-
     def _select(
         self, ps: PairSet, rng: np.random.Generator
     ) -> tuple[np.ndarray, dict[int, int], dict[str, Any]]:
@@ -215,10 +210,6 @@ class RandomPairs(DataPreprocessor):
         "seed": Param(0, int, "sampling seed", low=0),
     }
     identity_params: ClassVar[dict[str, Any]] = {"keep": 1.0}
-
-    @classmethod
-    def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return check_keep(cls.name, super()._check_params(kwargs))
 
     def _select(
         self, ps: PairSet, rng: np.random.Generator

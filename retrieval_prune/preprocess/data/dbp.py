@@ -9,7 +9,6 @@ import numpy as np
 from retrieval_prune.preprocess.base import DataPreprocessor, PairSet
 from retrieval_prune.preprocess.data._cluster import (
     auto_clusters,
-    check_keep,
     cosine_to_centroids,
     kmeans,
     unit_rows,
@@ -123,10 +122,6 @@ class DensityBasedPruning(DataPreprocessor):
     }
     needs_embeddings: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, Any]] = {"keep": 1.0}
-
-    @classmethod
-    def _check_params(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return check_keep(cls.name, super()._check_params(kwargs))
 
     def _select(
         self, ps: PairSet, rng: np.random.Generator
