@@ -62,3 +62,21 @@ def wait_healthy(url, proc, seconds, what="server", interval=0.1):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, f"{what} did not come up"
         time.sleep(interval)
+
+
+def tiny_colbert(seed=0, dim=32, layers=2, heads=2, hidden=64, ffn=128):
+    """MiniLM's tokenizer over a small random BERT (synthetic weights): model mechanics in
+    seconds on any machine. The real backbone runs in the ``slow`` tests."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
+
+    path = resolve_backbone(None)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg.update({"num_hidden_layers": layers, "hidden_size": hidden,
+                "num_attention_heads": heads, "intermediate_size": ffn})
+    torch.manual_seed(seed)
+    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    return ColBERTModel(bb, dim, tokenizer=tok, seed=seed).eval()

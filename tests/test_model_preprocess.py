@@ -19,19 +19,11 @@ from retrieval_prune.encode.checkpoint import (
 )
 from retrieval_prune.encode.model import ColBERTModel, backbone_identity, resolve_backbone
 from retrieval_prune.preprocess.base import ModelContext
+from tests.conftest import tiny_colbert
 
 
 def tiny(seed=0, dim=32):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    path = resolve_backbone(None)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg.update({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
-                "intermediate_size": 128})
-    torch.manual_seed(seed)
-    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-    return ColBERTModel(bb, dim, tokenizer=tok, seed=seed).eval()
+    return tiny_colbert(seed=seed, dim=dim)
 
 
 def finetuned(base_model, seed=1, scale=1e-3, frozen=("word_embeddings",)):

@@ -216,18 +216,9 @@ TABLE_PLUGINS = sorted(registry.available("table"))
 
 
 def _tiny_bert(seed=0):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from tests.conftest import tiny_colbert
 
-    from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
-
-    path = resolve_backbone(None)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg.update({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
-                "intermediate_size": 128})
-    torch.manual_seed(seed)
-    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-    return ColBERTModel(bb, 32, tokenizer=tok, seed=seed).eval()
+    return tiny_colbert(seed=seed)
 
 
 def _copy(model):

@@ -27,19 +27,9 @@ SPECS = {"colbert": COLBERT, "zero-shot": ZERO_SHOT}
 
 
 def _tiny_model(seed=0, dim=32):
-    """MiniLM's tokenizer over a small random BERT (as tests/test_train.py builds it)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from tests.conftest import tiny_colbert
 
-    from retrieval_prune.encode.model import resolve_backbone
-
-    path = resolve_backbone(None)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg.update({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
-                "intermediate_size": 128})
-    torch.manual_seed(seed)
-    backbone = AutoModel.from_config(cfg, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-    return ColBERTModel(backbone, dim, tokenizer=tok, seed=seed).eval()
+    return tiny_colbert(seed=seed, dim=dim)
 
 
 @pytest.fixture(scope="module")
