@@ -466,8 +466,10 @@ def _decode_state(
         elif kind == "sparse" or kind == "delta-sparse":
             vals = take(name + _SEP + "values")
             if kind == "sparse":
-                like = _shape_from_mask_owner(path, name, stored, layout)
-                w = torch.zeros(like, dtype=vals.dtype)
+                shape = (layout.get("shapes") or {}).get(name)
+                if shape is None:
+                    raise ValueError(f"{path}: sparse tensor {name} has no recorded shape")
+                w = torch.zeros(tuple(int(x) for x in shape), dtype=vals.dtype)
             else:
                 if b is None:
                     raise ValueError(f"{path}: delta tensor {name} has no base tensor")
@@ -505,15 +507,6 @@ def _decode_state(
     if extra:
         raise ValueError(f"config mismatch in {path}: unexpected tensors {extra[:5]}")
     return state
-
-
-def _shape_from_mask_owner(
-    path: Path, name: str, stored: dict[str, torch.Tensor], layout: dict[str, Any]
-) -> tuple[int, ...]:
-    shapes = layout.get("shapes") or {}
-    if name not in shapes:
-        raise ValueError(f"{path}: sparse tensor {name} has no recorded shape")
-    return tuple(int(x) for x in shapes[name])
 
 
 def _check_base(
