@@ -204,7 +204,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return _preprocess_data(args, stages)
     meta = preprocess_model(
         args.checkpoint, args.pipeline, args.out, data=args.data or [], base=args.base,
-        steps=args.steps, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+        steps=args.steps, seed=args.seed, minutes=args.minutes, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     info = meta["preprocess"]
     for r in info["reports"]:
@@ -225,6 +226,9 @@ def _preprocess_data(args: argparse.Namespace, stages: dict[str, list[Any]]) -> 
                          "second preprocess call on the trained checkpoint")
     if not args.data:
         raise ValueError("data steps need --data NAME (a collection with a train split)")
+    if args.minutes is not None or args.steps:
+        raise ValueError("--steps/--minutes budget model steps that train (loraprune); a data "
+                         "step's budget is keep=FRACTION")
     if not str(args.out).endswith(".json"):
         raise ValueError(f"--out {args.out}: a data step writes a selection file; name it *.json")
     if Path(args.out).exists() and not args.overwrite:
@@ -566,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--steps", type=int, default=0,
                     help="optimizer steps of steps that train (loraprune), over --data's pairs")
     pp.add_argument("--seed", type=int, default=0, help="batch order of those steps")
+    pp.add_argument("--minutes", type=float, default=None, metavar="M",
+                    help="wall-clock budget; a training step that runs out stops early at its "
+                         "final widths and reports the steps it took (default: none)")
     pp.add_argument("--out", required=True, metavar="DIR|FILE.json")
     pp.add_argument("--overwrite", action="store_true")
     pp.add_argument("-q", "--quiet", action="store_true")

@@ -441,3 +441,22 @@ def test_training_context_batches_replay(model, adi_pairs):
         training_context(model, [], steps=-1, pairs=[adi_pairs])
     with pytest.raises(ValueError, match="no training data"):
         training_context(model, [], steps=1)
+
+
+def test_time_budget_stops_early_at_the_final_widths(model, ctx, pruned):
+    """A deadline already passed: one step is taken, then the schedule jumps to the final
+    widths (the same counts as the full run) and the report says it stopped early."""
+    import time
+
+    _, full = pruned
+    late = ModelContext(loss_fn=ctx.loss_fn, batches=ctx.batches, steps=STEPS,
+                        deadline=time.monotonic() - 1.0, progress=False)
+    for mode in ("lora", "scratch"):
+        res = registry.build(f"loraprune:ratio=0.3,mode={mode}").apply(model, late)
+        d = res.report.details
+        assert d["steps_taken"] == 1 and d["stopped_by_budget"] is True
+        assert len(d["losses"]) == 1
+        assert d["heads_per_layer"] == full.report.details["heads_per_layer"]
+        assert d["ffn_per_layer"] == full.report.details["ffn_per_layer"]
+    d = full.report.details
+    assert d["steps_taken"] == STEPS and d["stopped_by_budget"] is False

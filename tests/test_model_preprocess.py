@@ -295,6 +295,7 @@ def test_cli_preprocess_gmp_and_errors(tmp_path, capsys):
         (["--pipeline", "pool:factor=2"], "model and table steps"),
         (["--pipeline", "dare:p=0.5"], "not a fine-tune of this base"),
         (["--pipeline", "vocabtrim"], "calibration texts"),
+        (["--pipeline", "gmp", "--minutes", "0"], "minutes=0.0 must be > 0"),
     ]:
         bad = tmp_path / "bad"
         rc = main(["preprocess", "--checkpoint", str(src), "--out", str(bad), "-q", *argv])
@@ -313,6 +314,11 @@ def test_cli_data_step_needs_a_train_split(tmp_path, capsys, data_dir):
                "random_pairs:keep=0.5", "--out", str(tmp_path / "sel.json"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "train" in err and not (tmp_path / "sel.json").exists()
+    # a data step's budget is keep=, not a training budget
+    rc = main(["preprocess", "--data", "scifact", "--pipeline", "random_pairs:keep=0.5",
+               "--minutes", "5", "--out", str(tmp_path / "sel.json"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "keep=FRACTION" in err and not (tmp_path / "sel.json").exists()
 
 
 def test_shipped_name_resolution_error_lists_names():

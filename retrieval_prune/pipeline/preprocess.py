@@ -124,13 +124,16 @@ def preprocess_model(
     base: str | os.PathLike | None = None,
     steps: int = 0,
     seed: int = 0,
+    minutes: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Apply the model and table steps of ``spec`` to the source encoder; write ``out``.
 
     ``steps``: optimizer steps of the training recipe (over ``data``'s training pairs) for
-    steps that train (``loraprune``); ``seed``: their batch order.
+    steps that train (``loraprune``); ``seed``: their batch order; ``minutes``: wall-clock
+    budget of the whole command (None: none) -- a training step that runs out of it stops
+    early at its final widths and reports the steps it took.
 
     Returns the metadata written into the checkpoint (source, pipeline, reports).
     """
@@ -146,12 +149,15 @@ def preprocess_model(
     steps = stages["model"] + stages["table"]
     if not steps:
         raise ValueError(f"{spec!r} has no model or table step; see retrieval-prune plugins")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise ValueError(f"minutes={minutes!r} must be > 0 (or omitted: no budget)")
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     model, tok_spec, source, folder = load_source(checkpoint)
-    ctx = ModelContext(progress=progress)
+    deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)
+    ctx = ModelContext(progress=progress, deadline=deadline)
     if any(getattr(s, "needs_base", False) for s in steps):
         bpath = resolve_backbone(base)
         ctx.base = base_state(bpath)
@@ -195,6 +201,7 @@ def preprocess_model(
             "reports": reports,
             "data": list(data),
             "steps": int(steps_),
+            "minutes": minutes,
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }

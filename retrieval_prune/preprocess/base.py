@@ -356,6 +356,8 @@ class ModelContext:
     loss_fn : ``loss_fn(model, batch) -> scalar tensor`` of the training recipe, or None.
     batches : ``batches(step) -> batch`` training batches, or None.
     steps : optimizer steps a training step may take.
+    deadline : ``time.monotonic()`` value after which a training step stops taking steps
+        (it still finishes: a pruning schedule jumps to its final widths), or None.
     progress : show progress bars.
     """
 
@@ -365,6 +367,7 @@ class ModelContext:
     loss_fn: Callable[..., Any] | None = None
     batches: Callable[[int], Any] | None = None
     steps: int = 0
+    deadline: float | None = None
     progress: bool = True
 
 

@@ -408,6 +408,7 @@ class LoRAPrune(ModelPreprocessor):
         prune_steps = max(1, math.ceil(_PRUNE_SHARE * total)) if total else 0
         schedule: list[list[float]] = []
         losses: list[float] = []
+        stopped: int | None = None  # the step the time budget ran out at
         if total:
             for p in out.parameters():
                 p.requires_grad_(False)
@@ -449,8 +450,17 @@ class LoRAPrune(ModelPreprocessor):
                     losses.append(float(loss.detach()))
                     bar.set_postfix_str(f"loss={losses[-1]:.3f}", refresh=False)
                     bar.update(1)
+                    if s < total and _out_of_time(context):
+                        stopped = s
+                        break
             finally:
                 bar.close()
+            if stopped is not None and stopped < prune_steps:  # the final widths at once
+                self._grow_masks(plans, float(self.ratio), final=True)
+                self._set_masks(plans, wrapped)
+                schedule.append([stopped, float(self.ratio),
+                                 int(sum(p.head_removed.sum() for p in plans)),
+                                 int(sum(p.ffn_removed.sum() for p in plans))])
             for lay, w in zip(layers, wrapped, strict=True):
                 for path, m in w.items():
                     _set(lay, path, m.merge())
@@ -463,6 +473,8 @@ class LoRAPrune(ModelPreprocessor):
             "loss_last": losses[-1] if losses else None,
             "losses": losses,
             "schedule": schedule,
+            "steps_taken": len(losses),
+            "stopped_by_budget": stopped is not None,
             "rank": int(self.rank),
             "scaling": float(self.alpha) / int(self.rank),
         }
@@ -500,10 +512,14 @@ class LoRAPrune(ModelPreprocessor):
                     losses.append(float(loss.detach()))
                     bar.set_postfix_str(f"loss={losses[-1]:.3f}", refresh=False)
                     bar.update(1)
+                    if t + 1 < total and _out_of_time(context):
+                        break
             finally:
                 bar.close()
         return {
             "prune_steps": 0,
+            "steps_taken": len(losses),
+            "stopped_by_budget": len(losses) < total,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "losses": losses,
@@ -596,6 +612,10 @@ class LoRAPrune(ModelPreprocessor):
         channels = {p.index: np.flatnonzero(p.ffn_removed).tolist() for p in plans
                     if p.ffn_removed.any()}
         prune_structures(out, heads, channels)
+
+
+def _out_of_time(context: ModelContext) -> bool:
+    return context.deadline is not None and time.monotonic() >= context.deadline
 
 
 def _bar(total: int, progress: bool, desc: str) -> Any:
