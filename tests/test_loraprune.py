@@ -105,13 +105,14 @@ def test_spec_round_trip():
     step = registry.build("loraprune")
     assert isinstance(step, LoRAPrune) and step.stage == "model" and step.needs_training
     assert step.spec == ("loraprune:ratio=0.3,rank=8,alpha=16.0,steps=0,lr=0.0003,beta=0.9,"
-                         "keep_last=true,mode=lora,seed=0")
+                         "keep_last=true,mode=lora,seed=0,distill=0.0")
     for spec in ("loraprune:ratio=0.5,mode=random,seed=3", "loraprune:mode=scratch,steps=7",
+                 "loraprune:distill=0.5",
                  "loraprune:ratio=0,lr=0,keep_last=false,rank=4,alpha=8"):
         s = registry.build(spec)
         assert registry.build(s.spec).spec == s.spec
     for bad in ("loraprune:ratio=0.95", "loraprune:mode=magnitude", "loraprune:rank=0",
-                "loraprune:steps=-1", "loraprune:nope=1"):
+                "loraprune:steps=-1", "loraprune:nope=1", "loraprune:distill=1.5"):
         with pytest.raises(ValueError):
             registry.build(bad)
 
@@ -460,3 +461,40 @@ def test_time_budget_stops_early_at_the_final_widths(model, ctx, pruned):
         assert d["ffn_per_layer"] == full.report.details["ffn_per_layer"]
     d = full.report.details
     assert d["steps_taken"] == STEPS and d["stopped_by_budget"] is False
+
+
+def test_distill_kl_is_zero_on_itself_and_ignores_excluded_documents():
+    from retrieval_prune.train.loop import distill_kl
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 7, generator=g)
+    s = torch.randn(5, 7, generator=g)
+    assert float(distill_kl(t, t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_kl(s, t)) > 0
+    ex = torch.zeros(5, 7, dtype=torch.bool)
+    ex[:, 3] = True  # an excluded (relevant) document: -inf for both
+    tm, sm = t.masked_fill(ex, float("-inf")), s.masked_fill(ex, float("-inf"))
+    got = distill_kl(sm, tm)
+    keep = [i for i in range(7) if i != 3]
+    want = distill_kl(s[:, keep], t[:, keep])
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_distillation_from_the_input_model(model, ctx, pruned):
+    """distill > 0: the recipe loss mixes in KL to the unpruned input; same widths, the input
+    untouched, deterministic, and the losses differ from the plain recipe's."""
+    _, plain = pruned
+    before = state(model)
+    res = registry.build("loraprune:ratio=0.3,distill=0.5").apply(model, ctx)
+    assert same_state(state(model), before) and model.training is False
+    d = res.report.details
+    assert d["heads_per_layer"] == plain.report.details["heads_per_layer"]
+    assert d["ffn_per_layer"] == plain.report.details["ffn_per_layer"]
+    assert all(np.isfinite(d["losses"])) and d["losses"] != plain.report.details["losses"]
+    again = registry.build("loraprune:ratio=0.3,distill=0.5").apply(model, ctx)
+    assert same_state(state(again.model), state(res.model))
+    # a loss_fn that cannot distil is refused by name, not silently ignored
+    bare = ModelContext(loss_fn=lambda m, b: ctx.loss_fn(m, b), batches=ctx.batches,
+                        steps=STEPS, progress=False)
+    with pytest.raises(TypeError, match="teacher"):
+        registry.build("loraprune:ratio=0.3,distill=0.5").apply(model, bare)

@@ -250,12 +250,37 @@ def batch_loss(
     ``labels`` (int64 (n_q,)) is the positive's column; ``exclude`` (bool (n_q, n_d)) masks
     other documents that are relevant to the query (never negatives).
     """
+    logits = batch_logits(model, q_batch, d_batch, exclude, crisp=crisp,
+                          temperature=temperature)
+    return F.cross_entropy(logits, labels)
+
+
+def batch_logits(
+    model: ColBERTModel,
+    q_batch,
+    d_batch,
+    exclude: torch.Tensor | None = None,
+    *,
+    crisp: CrispSpec | None = None,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """float32 (n_q, n_d) MaxSim logits of every query against every document of the batch;
+    ``exclude``d entries are -inf."""
     qv, qm = _encode_side(model, q_batch, crisp, "queries")
     dv, dm = _encode_side(model, d_batch, crisp, "documents")
     logits = maxsim_logits(qv, qm, dv, dm, temperature)
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(logits, labels)
+    return logits
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(softmax(teacher) || softmax(student)) over each row's documents;
+    entries that are -inf in the teacher (excluded) add nothing."""
+    pt = torch.softmax(teacher, dim=-1)
+    terms = pt * (torch.log_softmax(teacher, dim=-1) - torch.log_softmax(student, dim=-1))
+    terms = torch.where(pt > 0, terms, torch.zeros_like(terms))
+    return terms.sum(-1).mean()
 
 
 # -- batches -------------------------------------------------------------------------------

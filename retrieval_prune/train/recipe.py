@@ -29,11 +29,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from retrieval_prune.encode.checkpoint import colbert_spec
 from retrieval_prune.encode.model import ColBERTModel, TextTokenizer, TokenizerSpec
 from retrieval_prune.train.data import TrainPairs, load_pairs
-from retrieval_prune.train.loop import TrainConfig, _Source, batch_loss
+from retrieval_prune.train.loop import (
+    TrainConfig,
+    _Source,
+    batch_logits,
+    batch_loss,
+    distill_kl,
+)
 
 __all__ = ["training_context"]
 
@@ -137,8 +144,21 @@ def training_context(
             draw()
         return draw()
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss_fn(model: Any, batch: Any, *, teacher: Any = None,
+                distill: float = 0.0) -> torch.Tensor:
         q_batch, d_batch, labels, exclude = batch
-        return batch_loss(model, q_batch, d_batch, labels, exclude, temperature=temperature)
+        if not distill:
+            return batch_loss(model, q_batch, d_batch, labels, exclude,
+                              temperature=temperature)
+        if teacher is None:
+            raise ValueError(f"distill={distill} needs a teacher model")
+        logits = batch_logits(model, q_batch, d_batch, exclude, temperature=temperature)
+        was = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            target = batch_logits(teacher, q_batch, d_batch, exclude, temperature=temperature)
+        teacher.train(was)
+        ce = F.cross_entropy(logits, labels)
+        return (1.0 - distill) * ce + distill * distill_kl(logits, target)
 
     return loss_fn, batches

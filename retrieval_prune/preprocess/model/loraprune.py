@@ -290,6 +290,12 @@ class LoRAPrune(ModelPreprocessor):
         re-initialised and trained from scratch.
     seed : int
         LoRA initialisation, dropout, random choices, scratch initialisation.
+    distill : float in [0, 1]
+        Weight of distillation from the input model during the recovery: the loss is
+        ``(1 - distill) * recipe loss + distill * KL(teacher || student)`` over each query's
+        in-batch MaxSim scores, the teacher being the unpruned input (frozen, eval mode). 0 is
+        the paper's recipe (needs a context ``loss_fn`` that takes ``teacher=``/``distill=``
+        keywords, as :func:`retrieval_prune.train.recipe.training_context`'s does).
     """
 
     name: ClassVar[str] = "loraprune"
@@ -305,6 +311,8 @@ class LoRAPrune(ModelPreprocessor):
         "keep_last": Param(True, bool, "never prune the last transformer layer"),
         "mode": Param("lora", str, "lora | random | scratch", choices=_MODES),
         "seed": Param(0, int, "seed of LoRA init, dropout, random choices", low=0),
+        "distill": Param(0.0, float, "weight of KL distillation from the input model",
+                         low=0.0, high=1.0),
     }
     needs_training: ClassVar[bool] = True
     #: lr=0 leaves B at zero, so nothing merges and nothing is pruned, whatever the steps
@@ -360,9 +368,9 @@ class LoRAPrune(ModelPreprocessor):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.seed))
             if self.mode == "scratch":
-                info = self._scratch(out, plans, total, context)
+                info = self._scratch(out, plans, total, context, model)
             else:
-                info = self._lora(out, plans, total, context)
+                info = self._lora(out, plans, total, context, model)
         for n, p in out.named_parameters():
             p.requires_grad_(flags.get(n, True))
         out.eval()
@@ -400,7 +408,7 @@ class LoRAPrune(ModelPreprocessor):
         return ModelResult(out, {}, None, report)
 
     def _lora(self, out: Any, plans: list[_LayerPlan], total: int,
-              context: ModelContext) -> dict[str, Any]:
+              context: ModelContext, teacher: Any) -> dict[str, Any]:
         """LoRA training with the cubic mask schedule (``lora``/``random``); merge; prune."""
         layers = bert_layers(out)
         if self.mode == "random":
@@ -431,7 +439,7 @@ class LoRAPrune(ModelPreprocessor):
                 for t in range(total):
                     for g in opt.param_groups:
                         g["lr"] = float(self.lr) * _lr_factor(t, total)
-                    loss = self._step_loss(out, context, t)
+                    loss = self._step_loss(out, context, t, teacher)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(lora_params, _CLIP)
@@ -480,7 +488,7 @@ class LoRAPrune(ModelPreprocessor):
         }
 
     def _scratch(self, out: Any, plans: list[_LayerPlan], total: int,
-                 context: ModelContext) -> dict[str, Any]:
+                 context: ModelContext, teacher: Any) -> dict[str, Any]:
         """Same widths (random choice), every weight re-initialised, all trained."""
         self._random_orders(plans)
         self._grow_masks(plans, float(self.ratio), final=True)
@@ -504,7 +512,7 @@ class LoRAPrune(ModelPreprocessor):
                 for t in range(total):
                     for g in opt.param_groups:
                         g["lr"] = float(self.lr) * _lr_factor(t, total)
-                    loss = self._step_loss(out, context, t)
+                    loss = self._step_loss(out, context, t, teacher)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, _CLIP)
@@ -528,9 +536,15 @@ class LoRAPrune(ModelPreprocessor):
         }
 
     # -- helpers ----------------------------------------------------------------------------
-    def _step_loss(self, model: Any, context: ModelContext, step: int) -> torch.Tensor:
+    def _step_loss(self, model: Any, context: ModelContext, step: int,
+                   teacher: Any) -> torch.Tensor:
+        """The context's loss of one batch; ``teacher``: the unpruned input (distill > 0)."""
         model.train()
-        loss = context.loss_fn(model, context.batches(step))
+        if float(self.distill) > 0:
+            loss = context.loss_fn(model, context.batches(step), teacher=teacher,
+                                   distill=float(self.distill))
+        else:
+            loss = context.loss_fn(model, context.batches(step))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"{self.spec}: loss_fn must return a scalar tensor")
         if not bool(torch.isfinite(loss)):
