@@ -171,15 +171,37 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
     return out
 
 
+def selection_facts(path: str) -> dict[str, Any]:
+    """The facts of a selection file (``preprocess --data ... --out FILE.json``) for the
+    data-selections table."""
+    from retrieval_prune.train.select import INPUTS_KEY
+
+    doc = json.loads(Path(path).read_text())
+    rep = doc["report"]
+    inputs = (rep.get("details") or {}).get(INPUTS_KEY) or {}
+    return {
+        "file": str(path),
+        "spec": doc["spec"],
+        "counts": doc["counts"],
+        "aliases": {k: len(v) for k, v in (doc.get("aliases") or {}).items()},
+        "seconds": float(rep.get("seconds", 0.0)),
+        "embedding_seconds": float(inputs.get("embedding_seconds", 0.0)),
+        "scoring_seconds": float(inputs.get("scoring_seconds", 0.0)),
+    }
+
+
 def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str],
-             notes: list[str] | None = None) -> None:
+             notes: list[str] | None = None, selections: list[dict[str, Any]] | None = None,
+             near_dups: dict[str, Any] | None = None) -> None:
     head = ["label", "stage", "pipeline", "source", "ndcg@10", "delta_ndcg@10", "recall@100",
             "top10_overlap", *[f"{o}:delta_ndcg@10" for o in ood], "weights MB", "delta MB",
-            "nonzero/total", "rows", "q p50 ms", "speedup", "doc ms"]
+            "nonzero/total", "rows", "q p50 ms", "speedup", "doc ms", "pairs", "minutes"]
     lines = ["# Data, model and table preprocessors (issue #13)", "",
              "Exact MaxSim (no index compression) of each preprocessed encoder beside its "
              "source; deltas are against the source's exact MaxSim on the same collection. "
-             "Query-encode p50 at one thread, interleaved query by query with the source.", "",
+             "Query-encode p50 at one thread, interleaved query by query with the source. "
+             "pairs: training queries kept by a data step; minutes: the preprocess step's "
+             "(model/table rows) or the training run's (data rows).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, nd=4):
@@ -196,8 +218,33 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
                  f(r["delta_bytes"] / 1e6, 2) if r.get("delta_bytes") else "-",
                  f"{r['params_nonzero'] / r['params_total']:.3f}", str(r["table_rows"]),
                  f(r["query_encode_p50_ms"], 2), f(r["query_encode_speedup"], 2),
-                 f(r["doc_encode_ms_per_doc"], 2)]
+                 f(r["doc_encode_ms_per_doc"], 2), f(r.get("pairs_kept")),
+                 f(r.get("prepare_minutes") if r.get("prepare_minutes") is not None
+                   else r.get("train_minutes"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
+    if selections:
+        lines += ["", "## Data selections", "",
+                  "What each data step kept of the training pairs (per collection), its aliases "
+                  "(removed near-duplicates -> the kept one) and the minutes its inputs took "
+                  "(zero-shot pair embeddings; EL2N scoring with the full-data checkpoint).", "",
+                  "| spec | collection | queries | kept | removed share | aliases | "
+                  "select s | embedding min | scoring min |", "|---|---|---|---|---|---|---|---|---|"]
+        for sel in selections:
+            for name, c in sel["counts"].items():
+                lines.append(
+                    f"| `{sel['spec']}` | {name} | {c['queries']} | {c['kept']} | "
+                    f"{1 - c['kept'] / max(c['queries'], 1):.4f} | "
+                    f"{sel['aliases'].get(name, 0)} | {sel['seconds']:.1f} | "
+                    f"{sel['embedding_seconds'] / 60:.1f} | {sel['scoring_seconds'] / 60:.1f} |")
+    if near_dups:
+        eps = sorted({k for v in near_dups.values() for k in v if k.startswith("eps=")})
+        lines += ["", "## Near-duplicate share of each corpus (diagnostic only)", "",
+                  "Share of documents with another document at cosine > 1 - eps (zero-shot "
+                  "mean document vectors, exact all pairs); nothing is removed.", "",
+                  "| corpus | docs | " + " | ".join(eps) + " |", "|---|---|" + "---|" * len(eps)]
+        for name, v in sorted(near_dups.items()):
+            lines.append(f"| {name} | {v['docs']} | "
+                         + " | ".join(f"{v.get(e, float('nan')):.4f}" for e in eps) + " |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "Reproduce (each row):", "", "```", *commands, "```", ""]
@@ -218,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the command that made each row (recorded in the .md)")
     ap.add_argument("--note", action="append", default=[],
                     help="a finding to list under the table (recorded in the JSON)")
+    ap.add_argument("--selection", action="append", default=[], metavar="FILE.json",
+                    help="record a data step's selection file in the data-selections table")
+    ap.add_argument("--near-duplicates", action="append", default=[], metavar="NAME",
+                    help="record a corpus's near-duplicate share (eps 0.05/0.10; diagnostic)")
     args = ap.parse_args(argv)
     path = Path(args.json)
 
@@ -235,11 +286,20 @@ def main(argv: list[str] | None = None) -> int:
                                               "query_encode_speedup")}))
         atomic_write_json(path, doc, indent=1)
     doc = read()
+    for f in args.selection:
+        fact = selection_facts(f)
+        doc["selections"] = [x for x in doc.get("selections", [])
+                             if x["spec"] != fact["spec"]] + [fact]
+    for name in args.near_duplicates:
+        from retrieval_prune.train.select import corpus_near_duplicates
+
+        doc.setdefault("near_duplicates", {})[name] = corpus_near_duplicates(name)
     doc["commands"] = list(dict.fromkeys(doc.get("commands", []) + args.command))
     doc["notes"] = list(dict.fromkeys(doc.get("notes", []) + args.note))
     atomic_write_json(path, doc, indent=1)
     ood = sorted({k.split(":")[0] for r in doc["rows"] for k in r if k.endswith(":delta_ndcg@10")})
-    write_md(doc["rows"], Path(args.md), ood, doc["commands"], doc.get("notes"))
+    write_md(doc["rows"], Path(args.md), ood, doc["commands"], doc.get("notes"),
+             doc.get("selections"), doc.get("near_duplicates"))
     return 0
 
 

@@ -506,3 +506,22 @@ def test_el2n_scores_from_a_checkpoint(tmp_path, adi_pairs):
                             progress=False)  # fmt: skip
     assert len(out[0]) == 4
     assert sel.report.details["_inputs"]["scoring_seconds"] == info["scoring_seconds"]
+
+
+def test_near_duplicate_fraction_matches_all_pairs():
+    from retrieval_prune.train.select import near_duplicate_fraction
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16))
+    x[150:170] = x[:20] + 0.02 * rng.normal(size=(20, 16))  # 40 rows with a near twin
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for eps in (0.0, 0.01, 0.05, 0.5):
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        want = float((sim > 1 - eps).any(axis=1).mean())
+        # blocks smaller than n exercise the diagonal bookkeeping across blocks
+        assert near_duplicate_fraction(x, eps, block=64) == want
+        assert near_duplicate_fraction(x, eps) == want
+    assert near_duplicate_fraction(x[:1], 0.5) == 0.0
+    with pytest.raises(ValueError, match="eps"):
+        near_duplicate_fraction(x, 1.5)

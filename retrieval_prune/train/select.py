@@ -141,6 +141,48 @@ def pair_embeddings(pairs: TrainPairs, *, progress: bool = True) -> np.ndarray:
     return _unit(zq + zd).astype(np.float32)
 
 
+def near_duplicate_fraction(unit: np.ndarray, eps: float, block: int = 2048) -> float:
+    """Share of the rows of ``unit`` (unit-norm, (n, d)) that have another row at cosine
+    similarity > 1 - ``eps`` (SemDeDup's duplicate rule over the whole set, no clusters).
+    Exact: all pairs, in blocks of ``block`` rows."""
+    if not 0.0 <= float(eps) <= 1.0:
+        raise ValueError(f"eps={eps!r} must be in [0, 1]")
+    x = np.ascontiguousarray(unit, np.float32)
+    n = len(x)
+    if n < 2:
+        return 0.0
+    has = np.zeros(n, bool)
+    for s in range(0, n, block):
+        sim = x[s : s + block] @ x.T
+        rows = np.arange(s, min(s + block, n))
+        sim[rows - s, rows] = -np.inf  # not itself
+        has[rows] = (sim > 1.0 - float(eps)).any(axis=1)
+    return float(has.mean())
+
+
+def corpus_near_duplicates(name: str, eps: Sequence[float] = (0.05, 0.10), *,
+                           progress: bool = True) -> dict[str, Any]:
+    """Near-duplicate share of a collection's corpus (a diagnostic, nothing is removed):
+    zero-shot mean document vectors (through the embedding cache), exact all pairs."""
+    from retrieval_prune.data.beir import load_beir, resolve_dataset
+    from retrieval_prune.encode import Encoder
+
+    from retrieval_prune.train.data import load_pairs
+
+    try:  # a training collection: the documents pair_embeddings encodes (same cache entry)
+        src = load_pairs(name, negatives="none", progress=False)
+        key, ids, texts = src.name, src.doc_ids, src.doc_texts
+    except ValueError:  # an evaluation-only collection: its test corpus
+        corpus = load_beir(resolve_dataset(name), split="test", download=False)
+        key, ids, texts = name, corpus.doc_ids, corpus.doc_texts
+    enc = Encoder.load(None)
+    cache = EmbeddingCache(cache_root() / "embeddings")
+    docs = cache.get_or_encode(enc, key, ids, texts, kind="docs", progress=progress)
+    unit = _mean_rows(docs.embeddings, docs.offsets, np.arange(len(ids)))
+    return {"docs": len(ids),
+            **{f"eps={e:g}": near_duplicate_fraction(unit, e) for e in eps}}
+
+
 def _el2n_candidates(pairs: TrainPairs, n_cand: int, n_hard: int) -> np.ndarray:
     """int64 ``(n_queries, n_cand)``: column 0 the first positive, then hard negatives, then
     other non-positive documents (seeded by the collection name; -1 pads a tiny corpus)."""
