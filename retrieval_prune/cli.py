@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base model of a fine-tuned checkpoint (dare); default the installed "
                          "MiniLM")
     pp.add_argument("--scores-from", default=None, metavar="CKPT",
-                    help="data steps that need difficulty scores (ccs): the full-data checkpoint")
+                    help="data steps that need difficulty scores (ccs): the full-data checkpoint "
+                         "(a folder or a shipped name: ft128)")
     pp.add_argument("--steps", type=int, default=0,
                     help="optimizer steps of steps that train (loraprune), over --data's pairs")
     pp.add_argument("--seed", type=int, default=0, help="batch order of those steps")

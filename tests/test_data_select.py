@@ -508,6 +508,18 @@ def test_el2n_scores_from_a_checkpoint(tmp_path, adi_pairs):
     assert sel.report.details["_inputs"]["scoring_seconds"] == info["scoring_seconds"]
 
 
+def test_el2n_scores_from_the_shipped_encoder_by_name(adi_pairs):
+    """--scores-from ft128: the shipped full-data fine-tune, by name (a new user has no
+    full-data run of their own)."""
+    from retrieval_prune.encode.checkpoint import SHIPPED, read_config
+    from retrieval_prune.train.select import el2n_scores
+
+    scores, info = el2n_scores(adi_pairs, "ft128", progress=False)
+    assert scores.shape == (8,) and np.isfinite(scores).all()
+    assert info["checkpoint"] == "ft128"
+    assert info["weights_sha256"] == read_config(SHIPPED / "ft128")["weights_sha256"]
+
+
 def test_near_duplicate_fraction_matches_all_pairs():
     from retrieval_prune.train.select import near_duplicate_fraction
 

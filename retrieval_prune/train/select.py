@@ -229,7 +229,9 @@ def el2n_scores(
         ``scoring_seconds`` is the time the scoring took when it ran (encoding included),
         also on a cache hit.
     """
-    checkpoint = Path(checkpoint).expanduser()
+    from retrieval_prune.encode.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a folder, or a shipped name (ft128)
     sha, temperature = _checkpoint_identity(checkpoint)
     key = hashlib.sha256(
         json.dumps(
