@@ -190,6 +190,66 @@ def selection_facts(path: str) -> dict[str, Any]:
     }
 
 
+def composition(source: str | None, ckpt: str, data: str, spec: str, n_warm: int = 10
+                ) -> dict[str, Any]:
+    """The composed encoder under an index pipeline (``default``) beside the source under the
+    same pipeline: nDCG@10, bytes per document, search-only p50, and end-to-end p50 at k=10
+    (query text in: tokenise + encode + search, one thread), both interleaved query by query
+    over every judged query."""
+    import shutil
+
+    from retrieval_prune.evaluation.bench_plaid import OurEngine, _interleaved
+
+    scratch = Path(".cache") / "composition"
+    engines, out = [], {}
+    for name, ck in (("source", source), ("row", ckpt)):
+        enc = _load(ck)
+        enc.num_threads = None  # corpus encoding (cached after the first run): every core
+        ctx = load_context(data, lambda enc=enc: enc)
+        e = OurEngine(ctx, spec, scratch / name, checkpoint=ck)
+        e.open()
+        enc.num_threads = 1
+        e.encoder = enc
+        corpus_q = dict(zip(*_judged(data), strict=True))
+        e.texts = [corpus_q[q] for q in ctx.qids]
+        engines.append(e)
+        out[name] = {k: e.row[k] for k in ("ndcg@10", "recall@100", "bytes_per_doc",
+                                           "vectors_per_doc", "p50_ms")}
+    n = len(engines[0].texts)
+
+    def search(e: Any, qi: int, k: int) -> list:
+        return e.search(qi, k)
+
+    def e2e(e: Any, qi: int, k: int) -> list:
+        return e.search_encoded(e.encoder.encode_queries([e.texts[qi]], progress=False), k)
+
+    s_stats, _ = _interleaved(engines, n, search, ks=(10,), threads=1, warmup=n_warm,
+                              progress=True, desc="search")
+    e_stats, _ = _interleaved(engines, n, e2e, ks=(10,), threads=1, warmup=n_warm,
+                              progress=True, desc="end-to-end")
+    for i, name in enumerate(("source", "row")):
+        out[name]["search_p50_ms_k10"] = s_stats[i]["10"]["p50_ms"]
+        out[name]["e2e_p50_ms_k10"] = e_stats[i]["10"]["p50_ms"]
+    for e in engines:
+        e.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "pipeline": spec,
+        "queries": n,
+        "threads": 1,
+        "source": out["source"],
+        "row": out["row"],
+        "e2e_speedup_k10": out["source"]["e2e_p50_ms_k10"] / out["row"]["e2e_p50_ms_k10"],
+        "delta_ndcg@10": out["row"]["ndcg@10"] - out["source"]["ndcg@10"],
+    }
+
+
+def _judged(data: str) -> tuple[list[str], list[str]]:
+    from retrieval_prune.data.beir import load_beir, resolve_dataset
+
+    return load_beir(resolve_dataset(data), split="test").judged_queries()
+
+
 def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str],
              notes: list[str] | None = None, selections: list[dict[str, Any]] | None = None,
              near_dups: dict[str, Any] | None = None) -> None:
@@ -222,6 +282,25 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
                  f(r.get("prepare_minutes") if r.get("prepare_minutes") is not None
                    else r.get("train_minutes"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
+    comp = [r for r in rows if r.get("composition")]
+    if comp:
+        lines += ["", "## Composition under an index pipeline (end to end, one thread)", "",
+                  "The composed encoder and its source, each under the same index pipeline "
+                  "over the whole collection; search-only and end-to-end (query text in: "
+                  "tokenise, encode, search) p50 at k=10, interleaved query by query.", "",
+                  "| label | pipeline | index | encoder | nDCG@10 | delta | B/doc | search p50 ms "
+                  "| e2e p50 ms | e2e speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in comp:
+            c = r["composition"]
+            for who, enc in (("source", r["source"]), ("row", r["label"])):
+                x = c[who]
+                lines.append(
+                    f"| {r['label']} | `{r['pipeline']}` | `{c['pipeline']}` | {enc} | "
+                    f"{x['ndcg@10']:.4f} | "
+                    + (f"{c['delta_ndcg@10']:+.4f}" if who == "row" else "-")
+                    + f" | {x['bytes_per_doc']:.0f} | {x['search_p50_ms_k10']:.2f} | "
+                    f"{x['e2e_p50_ms_k10']:.2f} | "
+                    + (f"{c['e2e_speedup_k10']:.2f}" if who == "row" else "1.00") + " |")
     if selections:
         lines += ["", "## Data selections", "",
                   "What each data step kept of the training pairs (per collection), its aliases "
@@ -265,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the command that made each row (recorded in the .md)")
     ap.add_argument("--note", action="append", default=[],
                     help="a finding to list under the table (recorded in the JSON)")
+    ap.add_argument("--composition", default=None, metavar="PIPELINE",
+                    help="also build PIPELINE (e.g. default) over --data with each --row and "
+                         "the source, and time them end to end (the composition row)")
     ap.add_argument("--selection", action="append", default=[], metavar="FILE.json",
                     help="record a data step's selection file in the data-selections table")
     ap.add_argument("--near-duplicates", action="append", default=[], metavar="NAME",
@@ -278,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, ckpt in enumerate(args.row):
         label = args.label[i] if args.label and i < len(args.label) else None
         row = measure(args.source, ckpt, args.data, args.ood, args.latency_queries, label)
+        if args.composition:
+            row["composition"] = composition(args.source, ckpt, args.data, args.composition)
         doc = read()
         key = (row["label"], row["source"])
         doc["rows"] = [r for r in doc["rows"] if (r["label"], r["source"]) != key] + [row]
