@@ -149,6 +149,8 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
         "stage": stage,
         "pipeline": facts.pop("pipeline", None) or "none",
         "source": "zero-shot" if source in (None, "zero-shot") else Path(str(source)).name,
+        "source_sha256": None if source in (None, "zero-shot") else str(
+            read_config(resolve_checkpoint(source))["weights_sha256"]),
         "checkpoint": str(ckpt),
         **facts,
         "reports": reports,
@@ -259,7 +261,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
     lines = ["# Data, model and table preprocessors (issue #13)", "",
              "Exact MaxSim (no index compression) of each preprocessed encoder beside its "
              "source; deltas are against the source's exact MaxSim on the same collection. "
-             "Query-encode p50 at one thread, interleaved query by query with the source. "
+             "Query-encode p50 at one thread, interleaved query by query with the source "
+             "(named with the first 8 hex digits of its weights' sha256). "
              "pairs: training queries kept by a data step; minutes: the preprocess step's "
              "(model/table rows) or the training run's (data rows).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -270,7 +273,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
         return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
     for r in rows:
-        cells = [r["label"], r["stage"], f"`{r['pipeline']}`", r["source"], f(r["ndcg@10"]),
+        src = r["source"] + (f" ({r['source_sha256'][:8]})" if r.get("source_sha256") else "")
+        cells = [r["label"], r["stage"], f"`{r['pipeline']}`", src, f(r["ndcg@10"]),
                  f"{r['delta_ndcg@10']:+.4f}", f(r["recall@100"]), f(r["top10_overlap"], 3),
                  *[f"{r[f'{o}:delta_ndcg@10']:+.4f}" if f"{o}:delta_ndcg@10" in r else "-"
                    for o in ood],
