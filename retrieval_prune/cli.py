@@ -204,7 +204,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return _preprocess_data(args, stages)
     meta = preprocess_model(
         args.checkpoint, args.pipeline, args.out, data=args.data or [], base=args.base,
-        steps=args.steps, seed=args.seed, minutes=args.minutes, overwrite=args.overwrite,
+        steps=args.steps, seed=args.seed, minutes=args.minutes,
+        merge_with=args.merge_with or [], overwrite=args.overwrite,
         progress=not args.quiet,
     )
     info = meta["preprocess"]
@@ -571,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--steps", type=int, default=0,
                     help="optimizer steps of steps that train (loraprune), over --data's pairs")
     pp.add_argument("--seed", type=int, default=0, help="batch order of those steps")
+    pp.add_argument("--merge-with", action="append", metavar="CKPT",
+                    help="further fine-tunes of the same base for dare_merge (repeatable)")
     pp.add_argument("--minutes", type=float, default=None, metavar="M",
                     help="wall-clock budget; a training step that runs out stops early at its "
                          "final widths and reports the steps it took (default: none)")

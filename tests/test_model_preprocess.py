@@ -222,6 +222,103 @@ def test_dare_budget_rescale_and_determinism(mode):
     assert mode == "magnitude" or not torch.equal(c.masks[name], a.masks[name])
 
 
+def test_merge_task_arithmetic_over_dare_deltas():
+    """merge: base + weight * sum_i m_i * d_i / (1 - p); entries no mask keeps stay the base;
+    the projection (no base) is the fine-tunes' mean; deterministic; inputs untouched."""
+    m0 = tiny()
+    base, ident = base_of(m0)
+    a, b = finetuned(m0, seed=1), finetuned(m0, seed=2)
+    sa, sb = state(a), state(b)
+    name = "backbone.encoder.layer.0.intermediate.dense.weight"
+    bw, da, db = base[name], sa[name] - base[name], sb[name] - base[name]
+    ctx = ModelContext(base=base, base_identity=ident, others=[b.state_dict()])
+
+    plain = registry.build("dare_merge:p=0,weight=0.5").apply(a, ctx)  # Task Arithmetic: the mean
+    w = state(plain.model)[name]
+    expect = bw + 0.5 * (da + db)
+    tol = 4 * np.finfo(np.float32).eps * (bw.abs() + da.abs() + db.abs())
+    assert bool(((w - expect).abs() <= tol).all())
+    proj = state(plain.model)["projection.weight"]
+    pt = (sa["projection.weight"] + sb["projection.weight"]) / 2
+    assert bool(((proj - pt).abs() <= 2 * np.finfo(np.float32).eps * pt.abs()).all())
+    assert plain.report.details["fine_tunes"] == 2
+    assert plain.report.details["averaged"] == ["projection.weight"]
+    assert same_state(state(a), sa) and same_state(state(b), sb)
+
+    spec = "dare_merge:p=0.8,weight=1.0,seed=3"
+    r1, r2 = (registry.build(spec).apply(a, ctx) for _ in range(2))
+    assert same_state(state(r1.model), state(r2.model))
+    m = r1.masks[name]
+    w = state(r1.model)[name]
+    assert torch.equal(w[~m], bw[~m])  # dropped in both: the base
+    # each fine-tune keeps ~20%; the union ~36%
+    frac = float(m.float().mean())
+    assert abs(frac - 0.36) < 4 * np.sqrt(0.36 * 0.64 / m.numel())
+    assert r1.report.details["kept"] / r1.report.details["delta_params"] == pytest.approx(
+        0.2, abs=4 * np.sqrt(0.2 * 0.8 / m.numel()))
+    # rebuild the sum from the masks: each kept delta entry scaled by 1 / (1 - p) = 5
+    other = registry.build("dare_merge:p=0.8,weight=1.0,seed=4").apply(a, ctx)
+    assert not torch.equal(other.masks[name], m)
+    # one fine-tune, weight 1: DARE of it (same rule, same rescale)
+    solo = registry.build("dare_merge:p=0.8,seed=3").apply(
+        a, ModelContext(base=base, base_identity=ident))
+    ms = solo.masks[name]
+    exp1 = bw[ms] + da[ms] / 0.2
+    tol1 = 4 * np.finfo(np.float32).eps * (bw[ms].abs() + (da[ms] / 0.2).abs())
+    assert bool(((state(solo.model)[name][ms] - exp1).abs() <= tol1).all())
+
+
+def test_merge_refuses_other_architectures_and_no_base():
+    m0 = tiny()
+    base, ident = base_of(m0)
+    a = finetuned(m0, seed=1)
+    with pytest.raises(ValueError, match="needs the base"):
+        registry.build("dare_merge").apply(a, ModelContext(others=[a.state_dict()]))
+    other = tiny(dim=16)  # another projection width
+    with pytest.raises(ValueError, match="has shape"):
+        registry.build("dare_merge").apply(a, ModelContext(base=base, base_identity=ident,
+                                                      others=[other.state_dict()]))
+    with pytest.raises(ValueError, match="does not differ|no fine-tune differs"):
+        registry.build("dare_merge").apply(m0, ModelContext(base=base, base_identity=ident))
+
+
+def test_merge_delta_checkpoint_round_trip(tmp_path, minilm_pair):
+    """Two fine-tunes of the installed MiniLM merged and saved as a delta over it: loading
+    rebuilds the merged weights bit for bit."""
+    ft, base, ident = minilm_pair
+    ft2 = finetuned(ft, seed=5, scale=2e-3)
+    res = registry.build("dare_merge:p=0.9,weight=0.5").apply(
+        ft, ModelContext(base=base, base_identity=ident, others=[ft2.state_dict()]))
+    save_checkpoint(res.model, tmp_path / "m", masks=res.masks, delta_base=(base, ident))
+    assert same_state(state(load_checkpoint(tmp_path / "m").model), state(res.model))
+
+
+def test_cli_merge_with(tmp_path, capsys, minilm_pair):
+    from retrieval_prune.cli import main
+
+    ft, _, _ = minilm_pair
+    save_checkpoint(ft, tmp_path / "a")
+    save_checkpoint(finetuned(ft, seed=5, scale=2e-3), tmp_path / "b")
+    out = tmp_path / "ab"
+    assert main(["preprocess", "--checkpoint", str(tmp_path / "a"), "--merge-with",
+                 str(tmp_path / "b"), "--pipeline", "dare_merge:p=0.9,weight=0.5",
+                 "--out", str(out), "-q"]) == 0
+    meta = load_checkpoint(out).config["metadata"]["preprocess"]
+    assert meta["merged_with"][0]["sha256"] == load_checkpoint(tmp_path / "b").sha256
+    assert meta["reports"][0]["details"]["fine_tunes"] == 2
+    capsys.readouterr()
+    for argv, msg in [
+        (["--pipeline", "gmp", "--merge-with", str(tmp_path / "b")], "add one to --pipeline"),
+        (["--pipeline", "dare_merge", "--merge-with", str(tmp_path / "nope")], "nope"),
+    ]:
+        bad = tmp_path / "bad"
+        rc = main(["preprocess", "--checkpoint", str(tmp_path / "a"), "--out", str(bad), "-q",
+                   *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, (argv, err)
+        assert not bad.exists()
+
+
 def test_darex_q_picks_from_its_grid_and_needs_calibration():
     from retrieval_prune.encode.checkpoint import colbert_spec
     from retrieval_prune.encode.model import TextTokenizer, collate

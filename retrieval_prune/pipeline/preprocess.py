@@ -125,6 +125,7 @@ def preprocess_model(
     steps: int = 0,
     seed: int = 0,
     minutes: float | None = None,
+    merge_with: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -133,7 +134,8 @@ def preprocess_model(
     ``steps``: optimizer steps of the training recipe (over ``data``'s training pairs) for
     steps that train (``loraprune``); ``seed``: their batch order; ``minutes``: wall-clock
     budget of the whole command (None: none) -- a training step that runs out of it stops
-    early at its final widths and reports the steps it took.
+    early at its final widths and reports the steps it took; ``merge_with``: further
+    fine-tunes of the same base (checkpoint folders or shipped names) for ``dare_merge``.
 
     Returns the metadata written into the checkpoint (source, pipeline, reports).
     """
@@ -157,12 +159,30 @@ def preprocess_model(
     t0 = time.perf_counter()
     model, tok_spec, source, folder = load_source(checkpoint)
     deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)
+    merged_sources: list[dict[str, Any]] = []
     ctx = ModelContext(progress=progress, deadline=deadline)
     if any(getattr(s, "needs_base", False) for s in steps):
         bpath = resolve_backbone(base)
         ctx.base = base_state(bpath)
         ctx.base_identity = backbone_identity(bpath)
         _check_base(folder, model, ctx.base, ctx.base_identity)
+    if merge_with and not any(getattr(s, "needs_others", False) for s in steps):
+        raise ValueError("--merge-with names fine-tunes for a merge step; add one to "
+                         "--pipeline (e.g. 'dare_merge:p=0.9')")
+    if any(getattr(s, "needs_others", False) for s in steps):
+        ctx.others = []
+        for other in merge_with:
+            o_model, o_spec, o_source, o_folder = load_source(other)
+            if o_folder is None:
+                raise ValueError(f"--merge-with {other}: the zero-shot model is the base, not "
+                                 "a fine-tune of it")
+            if o_spec != tok_spec:
+                raise ValueError(f"--merge-with {other} tokenizes differently from "
+                                 f"{checkpoint} ({o_spec} vs {tok_spec}); merge fine-tunes of "
+                                 "one recipe")
+            _check_base(o_folder, o_model, ctx.base, ctx.base_identity)
+            ctx.others.append(o_model.state_dict())
+            merged_sources.append(o_source)
     if any(getattr(s, "mode", None) == "darex-q" for s in steps):
         if not data:
             raise ValueError("dare mode=darex-q needs a calibration batch: pass --data NAME")
@@ -202,6 +222,7 @@ def preprocess_model(
             "data": list(data),
             "steps": int(steps_),
             "minutes": minutes,
+            **({"merged_with": merged_sources} if merged_sources else {}),
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }
