@@ -79,6 +79,33 @@ def test_summary_ratios():
     assert not b["quality_ok"] and not b["meets_target_k10"]  # 0.01 below PLAID
 
 
+def test_a_failing_plaid_build_is_its_rows_error_not_the_runs(monkeypatch, tmp_path):
+    """colbert-ai failing inside its indexer (it has: CUDA probing, faiss, memory) must not
+    lose the rows already measured: the PLAID row carries the error, ours are complete."""
+
+    class Boom:
+        def __init__(self, *a, **k):
+            raise RuntimeError("indexer exploded")
+
+    monkeypatch.setattr(bp, "require_colbert", lambda: None)
+    monkeypatch.setattr(bp, "warm_colbert_extensions", lambda log=None: 0.0)
+    monkeypatch.setattr(bp, "PlaidEngine", Boom)
+    ctx = synthetic_context()
+    spec = "residual:k=16,nbits=2,normalize=true | ivf"
+    res = bp.run(ctx, pipelines=[spec], nbits=(2,), threads=(1,), scratch=tmp_path, warmup=1,
+                 progress=False, log=lambda s: None)
+    ours, plaid = res["rows"]
+    assert ours["engine"] == "retrieval_prune" and ours["error"] is None
+    assert ours["p50_ms_k10"] > 0 and ours["ndcg@10"] > 0.5
+    assert plaid["engine"] == "plaid" and plaid["pipeline"] == "plaid:nbits=2"
+    assert "RuntimeError: indexer exploded" in plaid["error"]
+    assert plaid["p50_ms_k10"] is None and plaid["latency"] is None
+    assert res["summary"]["reference"] is None  # no working reference: no ratios
+    md = bp.format_markdown(res, "cmd")
+    assert "failed**: RuntimeError: indexer exploded" in md
+    json.dumps(res, default=bp._json_default)
+
+
 def test_missing_colbert_gives_install_hint(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "colbert", None)  # import colbert -> ImportError
     with pytest.raises(ImportError, match=r"pip install -e '\.\[plaid\]'"):

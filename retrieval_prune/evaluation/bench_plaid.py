@@ -56,6 +56,7 @@ from retrieval_prune.evaluation.runner import current_rss_mb, run_quality
 __all__ = [
     "DEFAULT_PIPELINES",
     "DEFAULT_NBITS",
+    "FailedEngine",
     "PlaidEngine",
     "OurEngine",
     "require_colbert",
@@ -248,6 +249,27 @@ class _VectorCheckpoint:
         doclens = [int(off[i + 1] - off[i]) for i in idx]
         embs = np.concatenate(parts) if parts else np.zeros((0, mv.dim), np.float32)
         return torch.from_numpy(np.ascontiguousarray(embs)), doclens
+
+
+class FailedEngine:
+    """An engine whose build failed: its row carries the error, it is never searched."""
+
+    query_precision = "float32"
+
+    def __init__(self, engine: str, pipeline: str, ctx: Any, checkpoint: str | None,
+                 error: str, **extra: Any):
+        self.engine = engine
+        self.failed = error
+        self.row = {"engine": engine, "pipeline": pipeline, "dataset": ctx.name,
+                    "n_docs": len(ctx.doc_ids), "n_queries": len(ctx.qids),
+                    "encoder": ctx.encoder_name, "checkpoint": checkpoint or "zero-shot",
+                    "error": error, **extra}
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class PlaidEngine:
@@ -694,7 +716,15 @@ def run(
         engines.append(e)
     for nb in nbits:
         say(f"PLAID: build + quality pass: nbits={nb} (colbert-ai log: {plaid_log})")
-        e = PlaidEngine(ctx, nb, scratch, checkpoint=checkpoint, log=plaid_log)
+        try:
+            e = PlaidEngine(ctx, nb, scratch, checkpoint=checkpoint, log=plaid_log)
+        except Exception as exc:  # colbert-ai's own failure: this row's error, not the run's
+            e = FailedEngine("plaid", f"plaid:nbits={nb}", ctx, checkpoint,
+                             f"{type(exc).__name__}: {exc} (colbert-ai log: {plaid_log})",
+                             nbits=nb)
+            say(f"  error: {e.failed}")
+            engines.append(e)
+            continue
         e.close()
         say(f"  nDCG@10 {e.row['ndcg@10']:.4f}, {e.row['bytes_per_doc']:,.0f} B/doc, "
             f"build {e.row['build_s']:.1f} s")
@@ -819,8 +849,8 @@ def summarize(rows: Sequence[dict[str, Any]], *, ref_nbits: int = 2,
     """Ratios of our rows to PLAID ``nbits=ref_nbits`` for rows within ``tol`` nDCG@10 or
     better: size (PLAID bytes / ours) and speed (PLAID p50 / ours) at k=10 and k=100;
     the acceptance target is >= 2x smaller and >= 3x faster."""
-    ref = next((r for r in rows if r.get("engine") == "plaid" and r.get("nbits") == ref_nbits),
-               None)
+    ref = next((r for r in rows if r.get("engine") == "plaid" and r.get("nbits") == ref_nbits
+                and not r.get("error")), None)
     if ref is None:
         return {"reference": None, "rows": []}
     out = []
@@ -957,7 +987,11 @@ def format_markdown(result: dict[str, Any], command: str | None = None) -> str:
             f"{enc['sample_docs']} random documents at {enc['torch_threads']} torch threads, "
             f"extrapolated to {enc['corpus_s_est']:.0f} s for all {enc['n_docs']} "
             f"(`build_s_with_encoding` = `build_s` + that estimate).\n")
-    plaid = [r for r in rows if r.get("engine") == "plaid"]
+    for r in rows:
+        if r.get("engine") in ("retrieval_prune", "plaid") and r.get("error"):
+            lines.append(f"**{r['engine']} `{_md(r['pipeline'])}` failed**: "
+                         f"{_md(str(r['error']))[:500]}\n")
+    plaid = [r for r in rows if r.get("engine") == "plaid" and not r.get("error")]
     if plaid:
         st = plaid[0].get("plaid_search_settings", {})
         lines.append(
