@@ -46,7 +46,7 @@ Examples
 --------
 >>> from retrieval_prune import registry
 >>> registry.build("loraprune:ratio=0.3").spec
-'loraprune:ratio=0.3,rank=8,alpha=16.0,steps=0,lr=0.0003,beta=0.9,keep_last=true,mode=lora,seed=0'
+'loraprune:ratio=0.3,rank=8,alpha=16.0,steps=0,lr=0.0003,beta=0.9,keep_last=true,mode=lora,seed=0,distill=0.0'
 """
 
 from __future__ import annotations
