@@ -308,8 +308,10 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
     if selections:
         lines += ["", "## Data selections", "",
                   "What each data step kept of the training pairs (per collection), its aliases "
-                  "(removed near-duplicates -> the kept one) and the minutes its inputs took "
-                  "(zero-shot pair embeddings; EL2N scoring with the full-data checkpoint).", "",
+                  "(removed near-duplicates -> the kept one) and the minutes its inputs took: "
+                  "zero-shot pair embeddings in that run (near 0 when the embedding cache "
+                  "had them), EL2N scoring with the full-data checkpoint (the scoring's own "
+                  "minutes, also when cached).", "",
                   "| spec | collection | queries | kept | removed share | aliases | "
                   "select s | embedding min | scoring min |", "|---|---|---|---|---|---|---|---|---|"]
         for sel in selections:

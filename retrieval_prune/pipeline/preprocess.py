@@ -173,9 +173,6 @@ def preprocess_model(
         ctx.others = []
         for other in merge_with:
             o_model, o_spec, o_source, o_folder = load_source(other)
-            if o_folder is None:
-                raise ValueError(f"--merge-with {other}: the zero-shot model is the base, not "
-                                 "a fine-tune of it")
             if o_spec != tok_spec:
                 raise ValueError(f"--merge-with {other} tokenizes differently from "
                                  f"{checkpoint} ({o_spec} vs {tok_spec}); merge fine-tunes of "
