@@ -76,6 +76,12 @@ def _model_facts(enc: Encoder, ckpt: str | None) -> dict[str, Any]:
         sel = tr.get("selection")
         facts["pairs_kept"] = (sel or {}).get("kept_pairs") if sel else None
         facts["pipeline"] = pre.get("pipeline") or ((sel or {}).get("spec") if sel else None)
+        prior, chain = pre.get("after"), []
+        while prior:  # preprocess run on a preprocessed checkpoint: the whole chain
+            chain.insert(0, prior.get("pipeline", "?"))
+            prior = prior.get("after")
+        if chain and facts["pipeline"]:
+            facts["pipeline"] = " | ".join([*chain, facts["pipeline"]])
         init = (tr.get("config") or {}).get("init")
         if init and not pre:  # a recovery run: the step it recovers, then the recipe
             src_pre = (read_config(resolve_checkpoint(init)).get("metadata") or {}).get(

@@ -384,6 +384,13 @@ def test_cli_preprocess_gmp_and_errors(tmp_path, capsys):
     assert meta["pipeline"] == "gmp:sparsity=0.5,min_keep=0.02"
     assert meta["source"]["sha256"] == load_checkpoint(src).sha256
     assert meta["reports"][0]["stage"] == "model"
+    # preprocess on a preprocessed checkpoint keeps the history
+    assert main(["preprocess", "--checkpoint", str(out), "--pipeline", "gmp:sparsity=0.6",
+                 "--out", str(tmp_path / "gmp2"), "-q"]) == 0
+    meta2 = load_checkpoint(tmp_path / "gmp2").config["metadata"]["preprocess"]
+    assert meta2["pipeline"] == "gmp:sparsity=0.6,min_keep=0.02"
+    assert meta2["after"]["pipeline"] == meta["pipeline"]
+    assert meta2["source"]["sha256"] == load_checkpoint(out).sha256
     # bad input: one line, exit 2, nothing written
     capsys.readouterr()
     for argv, msg in [

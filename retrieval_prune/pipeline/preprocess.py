@@ -215,6 +215,8 @@ def preprocess_model(
         "preprocess": {
             "source": source,
             "pipeline": canonical,
+            # a source made by preprocess: its record, so chained calls keep their history
+            **({"after": src_meta["preprocess"]} if src_meta.get("preprocess") else {}),
             "reports": reports,
             "data": list(data),
             "steps": int(steps_),
