@@ -258,6 +258,11 @@ def _judged(data: str) -> tuple[list[str], list[str]]:
     return load_beir(resolve_dataset(data), split="test").judged_queries()
 
 
+def _cell(text: str) -> str:
+    """A spec in a Markdown table cell: chained steps' ``|`` escaped."""
+    return str(text).replace("|", "\\|")
+
+
 def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: list[str],
              notes: list[str] | None = None, selections: list[dict[str, Any]] | None = None,
              near_dups: dict[str, Any] | None = None) -> None:
@@ -280,7 +285,7 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
 
     for r in rows:
         src = r["source"] + (f" ({r['source_sha256'][:8]})" if r.get("source_sha256") else "")
-        cells = [r["label"], r["stage"], f"`{r['pipeline']}`", src, f(r["ndcg@10"]),
+        cells = [r["label"], r["stage"], f"`{_cell(r['pipeline'])}`", src, f(r["ndcg@10"]),
                  f"{r['delta_ndcg@10']:+.4f}", f(r["recall@100"]), f(r["top10_overlap"], 3),
                  *[f"{r[f'{o}:delta_ndcg@10']:+.4f}" if f"{o}:delta_ndcg@10" in r else "-"
                    for o in ood],
@@ -305,7 +310,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
             for who, enc in (("source", r["source"]), ("row", r["label"])):
                 x = c[who]
                 lines.append(
-                    f"| {r['label']} | `{r['pipeline']}` | `{c['pipeline']}` | {enc} | "
+                    f"| {r['label']} | `{_cell(r['pipeline'])}` | `{_cell(c['pipeline'])}` | "
+                    f"{enc} | "
                     f"{x['ndcg@10']:.4f} | "
                     + (f"{c['delta_ndcg@10']:+.4f}" if who == "row" else "-")
                     + f" | {x['bytes_per_doc']:.0f} | {x['search_p50_ms_k10']:.2f} | "
@@ -323,7 +329,7 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
         for sel in selections:
             for name, c in sel["counts"].items():
                 lines.append(
-                    f"| `{sel['spec']}` | {name} | {c['queries']} | {c['kept']} | "
+                    f"| `{_cell(sel['spec'])}` | {name} | {c['queries']} | {c['kept']} | "
                     f"{1 - c['kept'] / max(c['queries'], 1):.4f} | "
                     f"{sel['aliases'].get(name, 0)} | {sel['seconds']:.1f} | "
                     f"{sel['embedding_seconds'] / 60:.1f} | {sel['scoring_seconds'] / 60:.1f} |")
