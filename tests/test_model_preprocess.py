@@ -256,7 +256,17 @@ def test_merge_task_arithmetic_over_dare_deltas():
     assert abs(frac - 0.36) < 4 * np.sqrt(0.36 * 0.64 / m.numel())
     assert r1.report.details["kept"] / r1.report.details["delta_params"] == pytest.approx(
         0.2, abs=4 * np.sqrt(0.2 * 0.8 / m.numel()))
-    # rebuild the sum from the masks: each kept delta entry scaled by 1 / (1 - p) = 5
+    # the merged entries: base + (m_a * d_a + m_b * d_b) / (1 - p), each fine-tune's own mask
+    from retrieval_prune.preprocess.model.dare import drop_mask
+    from retrieval_prune.preprocess.model.dare_merge import _MASK_STRIDE
+
+    i = list(sa).index(name)
+    ma = drop_mask(bw.shape, 0.8, 3, i)
+    mb = drop_mask(bw.shape, 0.8, 3, _MASK_STRIDE + i)
+    assert torch.equal(m, ma | mb)
+    want = bw + (torch.where(ma, da, 0.0) + torch.where(mb, db, 0.0)) * 5.0
+    tol = 4 * np.finfo(np.float32).eps * (bw.abs() + 5 * (da.abs() + db.abs()))
+    assert bool(((w - want).abs() <= tol).all())
     other = registry.build("dare_merge:p=0.8,weight=1.0,seed=4").apply(a, ctx)
     assert not torch.equal(other.masks[name], m)
     # one fine-tune, weight 1: DARE of it (same rule, same rescale)

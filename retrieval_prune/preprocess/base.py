@@ -351,7 +351,7 @@ class ModelContext:
     base : the weights of the base model a fine-tune started from (``dare``), as a state dict
         in the model's key space (:func:`retrieval_prune.encode.checkpoint.base_state`).
     base_identity : its identity (name, version, sha256 of the weights), or None.
-    others : state dicts of further fine-tunes of the same base (``merge``), or None.
+    others : state dicts of further fine-tunes of the same base (``dare_merge``), or None.
     calibration : a list of :class:`~retrieval_prune.encode.model.Batch` (training queries
         and documents) for the step's own measurements (``dare``'s q), or None.
     loss_fn : ``loss_fn(model, batch) -> scalar tensor`` of the training recipe, or None.

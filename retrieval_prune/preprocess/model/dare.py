@@ -33,7 +33,7 @@ from retrieval_prune.preprocess.base import ModelContext, ModelPreprocessor, Mod
 from retrieval_prune.preprocess.model._common import clone_model, dense_bytes, exact_topk_mask
 from retrieval_prune.registry import Param, register
 
-__all__ = ["Dare"]
+__all__ = ["Dare", "check_fine_tune_of", "drop_mask"]
 
 _MODES = ("dare", "darex-q", "magnitude")
 #: DAREx-q's search grid for q: geometric from (1 - p) / 2 up to 1 (no rescale)
@@ -75,12 +75,7 @@ class Dare(ModelPreprocessor):
         masks: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
         n_delta = n_kept = 0
-        shared = [n for n, w in ft.items() if n in base and base[n].shape == w.shape]
-        if not shared:
-            raise ValueError(
-                f"{self.spec}: no tensor of the model has the base's name and shape; it is not "
-                "a fine-tune of this base (pass the right one: --base FOLDER)"
-            )
+        check_fine_tune_of(self.spec, ft, base)
         for i, (name, w) in enumerate(ft.items()):
             b = base.get(name)
             if b is None or b.shape != w.shape or not w.is_floating_point():
@@ -88,13 +83,10 @@ class Dare(ModelPreprocessor):
             d = w - b
             if not bool(d.any()):
                 continue  # frozen: stored as nothing
-            if p == 0.0:
-                m = torch.ones(w.shape, dtype=torch.bool)
-            elif self.mode == "magnitude":
+            if self.mode == "magnitude" and p > 0.0:
                 m = exact_topk_mask(d.abs(), int(round((1.0 - p) * d.numel())))
             else:
-                gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + i)
-                m = torch.rand(w.shape, generator=gen, dtype=torch.float64) >= p
+                m = drop_mask(w.shape, p, int(self.seed), i)
             masks[name] = m
             deltas[name] = d
             n_delta += d.numel()
@@ -152,6 +144,25 @@ class Dare(ModelPreprocessor):
             curve.append((float(q), err))
         best = min(curve, key=lambda t: (t[1], -t[0]))
         return best[0], curve
+
+
+def drop_mask(shape: Any, p: float, seed: int, index: int) -> torch.Tensor:
+    """DARE's keep-mask of one tensor: each entry kept with probability ``1 - p`` (all of them
+    at ``p == 0``), from one generator per ``(seed, index)``."""
+    if p == 0.0:
+        return torch.ones(shape, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    return torch.rand(shape, generator=gen, dtype=torch.float64) >= p
+
+
+def check_fine_tune_of(spec: str, state: dict[str, torch.Tensor],
+                       base: dict[str, torch.Tensor]) -> None:
+    """Refuse a model none of whose tensors has a base tensor's name and shape."""
+    if not any(n in base and base[n].shape == w.shape for n, w in state.items()):
+        raise ValueError(
+            f"{spec}: no tensor of the model has the base's name and shape; it is not "
+            "a fine-tune of this base (pass the right one: --base FOLDER)"
+        )
 
 
 def _write_merged(model, ft, base, masks, deltas, scale: float) -> None:

@@ -29,9 +29,14 @@ import torch
 from retrieval_prune.encode.checkpoint import stored_bytes
 from retrieval_prune.preprocess.base import ModelContext, ModelPreprocessor, ModelResult, StepReport
 from retrieval_prune.preprocess.model._common import clone_model, dense_bytes
+from retrieval_prune.preprocess.model.dare import check_fine_tune_of, drop_mask
 from retrieval_prune.registry import Param, register
 
 __all__ = ["DareMerge"]
+
+#: fine-tune ``j``'s mask of tensor ``i`` is ``drop_mask(..., index=_MASK_STRIDE * j + i)``:
+#: fine-tune 0 draws exactly ``dare``'s masks under the same seed
+_MASK_STRIDE = 7919
 
 
 @register
@@ -79,12 +84,7 @@ class DareMerge(ModelPreprocessor):
             sds.append(other)
         p, lam = float(self.p), float(self.weight)
         scale = lam / (1.0 - p)
-        shared = [n for n, w in sds[0].items() if n in base and base[n].shape == w.shape]
-        if not shared:
-            raise ValueError(
-                f"{self.spec}: no tensor of the model has the base's name and shape; it is not "
-                "a fine-tune of this base (pass the right one: --base FOLDER)"
-            )
+        check_fine_tune_of(self.spec, sds[0], base)
         out = clone_model(model)
         osd = out.state_dict()
         masks: dict[str, torch.Tensor] = {}
@@ -100,26 +100,22 @@ class DareMerge(ModelPreprocessor):
                     continue
                 total = torch.zeros_like(b)
                 union = torch.zeros(b.shape, dtype=torch.bool)
-                kept_one = None
+                moved = []  # (fine-tune, its mask) of the fine-tunes that changed the tensor
                 for j, sd in enumerate(sds):
                     d = sd[name] - b
                     if not bool(d.any()):
                         continue  # this fine-tune froze the tensor
-                    if p == 0.0:
-                        m = torch.ones(b.shape, dtype=torch.bool)
-                    else:
-                        gen = torch.Generator().manual_seed(
-                            int(self.seed) * 1_000_003 + 7919 * j + i)
-                        m = torch.rand(b.shape, generator=gen, dtype=torch.float64) >= p
+                    m = drop_mask(b.shape, p, int(self.seed), _MASK_STRIDE * j + i)
                     total += torch.where(m, d, torch.zeros_like(d))
                     union |= m
                     n_delta += d.numel()
                     n_kept += int(m.sum())
-                    kept_one = (j, m) if kept_one is None else (-1, None)
-                if not bool(union.any()):
+                    moved.append((j, m))
+                if not moved:
                     continue  # frozen in every fine-tune: stored as nothing
-                if kept_one[0] >= 0 and scale == 1.0:  # one delta, no rescale: its weights
-                    merged = torch.where(kept_one[1], sds[kept_one[0]][name], b)
+                if len(moved) == 1 and scale == 1.0:  # one delta, no rescale: its weights
+                    j, m = moved[0]
+                    merged = torch.where(m, sds[j][name], b)
                 else:
                     merged = torch.where(union, b + total * scale, b)
                 osd[name].copy_(merged)
