@@ -20,23 +20,13 @@ from retrieval_prune.preprocess.model.loraprune import (
     prune_structures,
     removed_count,
 )
+from tests.conftest import tiny_colbert
 
 STEPS = 3
 
 
 def tiny(seed=0, layers=3, heads=4, hidden=64, ffn=128, dim=32):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from retrieval_prune.encode.model import ColBERTModel, resolve_backbone
-
-    path = resolve_backbone(None)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg.update({"num_hidden_layers": layers, "hidden_size": hidden,
-                "num_attention_heads": heads, "intermediate_size": ffn})
-    torch.manual_seed(seed)
-    bb = AutoModel.from_config(cfg, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-    return ColBERTModel(bb, dim, tokenizer=tok, seed=seed).eval()
+    return tiny_colbert(seed=seed, dim=dim, layers=layers, heads=heads, hidden=hidden, ffn=ffn)
 
 
 def state(model):
