@@ -210,6 +210,7 @@ def composition(source: str | None, ckpt: str, data: str, spec: str, n_warm: int
 
     scratch = Path(".cache") / "composition"
     engines, out = [], {}
+    text_of = dict(zip(*_judged(data), strict=True))
     for name, ck in (("source", source), ("row", ckpt)):
         enc = _load(ck)
         enc.num_threads = None  # corpus encoding (cached after the first run): every core
@@ -218,8 +219,7 @@ def composition(source: str | None, ckpt: str, data: str, spec: str, n_warm: int
         e.open()
         enc.num_threads = 1
         e.encoder = enc
-        corpus_q = dict(zip(*_judged(data), strict=True))
-        e.texts = [corpus_q[q] for q in ctx.qids]
+        e.texts = [text_of[q] for q in ctx.qids]
         engines.append(e)
         out[name] = {k: e.row[k] for k in ("ndcg@10", "recall@100", "bytes_per_doc",
                                            "vectors_per_doc", "p50_ms")}

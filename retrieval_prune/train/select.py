@@ -166,7 +166,6 @@ def corpus_near_duplicates(name: str, eps: Sequence[float] = (0.05, 0.10), *,
     zero-shot mean document vectors (through the embedding cache), exact all pairs."""
     from retrieval_prune.data.beir import load_beir, resolve_dataset
     from retrieval_prune.encode import Encoder
-
     from retrieval_prune.train.data import load_pairs
 
     try:  # a training collection: the documents pair_embeddings encodes (same cache entry)
