@@ -1,4 +1,4 @@
-"""Command line: ``retrieval-prune {build,search,eval,train,preprocess,bench,add,delete,compact,inspect,plugins}``."""
+"""Command line: ``retrieval-prune {build,search,eval,tune,train,preprocess,bench,add,delete,compact,inspect,plugins}``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from retrieval_prune.evaluation.plot import frontier_plot
 
         print(f"frontier plot: {frontier_plot(rows, args.plot)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from retrieval_prune.evaluation.tune import tune
+
+    cands = None
+    if args.candidates:
+        cands = [ln.strip() for ln in Path(args.candidates).read_text(encoding="utf-8").splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+    cands = (cands or []) + list(args.pipeline or []) or None
+    res = tune(args.data, checkpoint=args.checkpoint, max_bytes_per_doc=args.max_bytes_per_doc,
+               max_ms=args.max_ms, max_loss=args.max_loss, candidates=cands,
+               queries=args.queries, n_queries=args.queries_n, eta=args.eta,
+               min_docs=args.min_docs, seed=args.seed, progress=not args.quiet)
+    fp = f"frontier of {res.dataset} ({res.n_docs} docs, {res.n_queries} {res.queries} queries, "
+    print(fp + f"{res.encoder}); est. loss = 1 - nDCG@10 against exact MaxSim's ranking:")
+    print(f"  {'bytes/doc':>10} {'ratio':>7} {'est.loss':>8} {'top10':>6} {'p50 ms':>7}  pipeline")
+    for q in res.frontier:
+        mark = "*" if q["pipeline"] == res.chosen else " "
+        print(f"{mark} {q['bytes_per_doc']:>10.0f} {q['compression_ratio']:>6.1f}x "
+              f"{q['est_loss']:>8.4f} {q['top10_overlap']:>6.3f} {q['p50_ms']:>7.2f}  "
+              f"{q['pipeline']}")
+    budget = ", ".join(f"{k}={v}" for k, v in res.budget.items() if v is not None)
+    verdict = "within" if res.feasible else "NOTHING fits; lowest estimated loss, outside"
+    print(f"chosen ({verdict} {budget}; {len(res.tried)} builds in {res.seconds:.0f} s, "
+          f"rungs {res.rungs} docs): {res.chosen}")
+    if args.json:
+        _write_json(args.json, res.to_json())
     return 0
 
 
@@ -438,6 +467,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=cmd_eval)
+
+    tn = sub.add_parser(
+        "tune", help="find the pipeline for a size / latency / loss budget (no judgements)",
+        description="Successive-halving search of index pipelines for a budget. Loss is "
+                    "estimated as disagreement with exact MaxSim of the same encoder on sample "
+                    "queries (pseudo-judgements), so no qrels are read; check the answer with "
+                    "`retrieval-prune eval`.")
+    tn.add_argument("--data", required=True, metavar="DIR_OR_NAME",
+                    help="BEIR-layout folder or name, a .jsonl file of documents, or an "
+                         "embedding set")
+    tn.add_argument("--checkpoint", default=None, metavar="CKPT",
+                    help="encoder checkpoint folder or shipped name (default zero-shot)")
+    tn.add_argument("--max-loss", type=float, default=None, metavar="L",
+                    help="relative nDCG@10 loss against exact MaxSim (0.01 = 1%%): the smallest "
+                         "index within it is chosen")
+    tn.add_argument("--max-bytes-per-doc", type=float, default=None, metavar="B")
+    tn.add_argument("--max-ms", type=float, default=None, metavar="M",
+                    help="search p50 at k=100, one query at a time")
+    tn.add_argument("--pipeline", action="append", metavar="SPEC",
+                    help="a candidate spec (repeatable; default: the built-in grid)")
+    tn.add_argument("--candidates", metavar="FILE", help="candidate specs, one per line")
+    tn.add_argument("--queries", choices=["corpus", "log"], default="corpus",
+                    help="sample queries: pseudo-queries cut from the documents (default) or "
+                         "the collection's own query texts (their judgements are never read)")
+    tn.add_argument("--queries-n", type=int, default=100, metavar="N",
+                    help="sample queries (default 100)")
+    tn.add_argument("--eta", type=int, default=3, help="halving factor (default 3)")
+    tn.add_argument("--min-docs", type=int, default=1000, metavar="N",
+                    help="documents in the first rung's sample (default 1000)")
+    tn.add_argument("--seed", type=int, default=0)
+    tn.add_argument("--json", metavar="PATH", help='write {"chosen", "frontier", "tried", ...}')
+    tn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    tn.set_defaults(func=cmd_tune)
 
     b = sub.add_parser("build", help="encode a collection and write an index",
                        description="Encode a collection and write a compressed index folder.")

@@ -33,7 +33,8 @@ from retrieval_prune.pipeline import Pipeline, make_pipeline
 from retrieval_prune.pipeline.build import build
 from retrieval_prune.types import Corpus, MultiVectors
 
-__all__ = ["evaluate_grid", "evaluate_pipeline", "index_bytes", "peak_rss_reset", "peak_rss_mb"]
+__all__ = ["evaluate_grid", "evaluate_pipeline", "exact_maxsim_run", "index_bytes", "peak_rss_reset",
+           "peak_rss_mb"]
 
 
 def peak_rss_reset() -> None:
@@ -147,12 +148,13 @@ class DatasetContext:
 
     def __init__(self, *, name: str, split: str, doc_ids: list[str], docs: MultiVectors,
                  qids: list[str], queries: MultiVectors, qrels: dict, encoder_settings: dict,
-                 encoder_name: str, query_encode_ms: float | None):
+                 encoder_name: str, query_encode_ms: float | None,
+                 exact_run: dict[str, dict[str, float]] | None = None):
         self.name, self.split, self.doc_ids, self.docs = name, split, doc_ids, docs
         self.qids, self.queries, self.qrels = qids, queries, qrels
         self.encoder_settings, self.encoder_name = encoder_settings, encoder_name
         self.query_encode_ms = query_encode_ms
-        self.exact_run = self._exact_run()
+        self.exact_run = self._exact_run() if exact_run is None else exact_run
         self.exact_metrics = evaluate(qrels, self.exact_run)
 
     @classmethod
@@ -187,14 +189,20 @@ class DatasetContext:
         path = cache_root() / "exact_runs" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        from retrieval_prune.index.flat import FlatIndex
-
-        index = FlatIndex()
-        index.add(self.docs, self.doc_ids)
-        run = index.search(self.queries, k=100).to_run(self.qids)
+        run = exact_maxsim_run(self.docs, self.doc_ids, self.queries, self.qids)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, run)
         return run
+
+
+def exact_maxsim_run(docs: MultiVectors, doc_ids: Sequence[str], queries: MultiVectors,
+                     qids: Sequence[str], k: int = 100) -> dict[str, dict[str, float]]:
+    """The exact (uncompressed, brute-force) MaxSim run: ``{qid: {doc_id: score}}``, top k."""
+    from retrieval_prune.index.flat import FlatIndex
+
+    index = FlatIndex()
+    index.add(docs, list(doc_ids))
+    return index.search(queries, k=k).to_run(list(qids))
 
 
 def _time_query_encoding(encoder: Any, texts: Sequence[str], n: int = 30) -> float:
@@ -255,6 +263,7 @@ def evaluate_pipeline(ctx: DatasetContext, spec: str, *, checkpoint: str | None,
 
     tmpdir = None
     if index_dir is None:
+        cache_root().mkdir(parents=True, exist_ok=True)
         tmpdir = tempfile.mkdtemp(prefix="rp-eval-", dir=cache_root())
         index_dir = Path(tmpdir) / "index"
     peak_rss_reset()
