@@ -7,8 +7,8 @@ package registers them.
 """
 
 from retrieval_prune.preprocess.model.dare import Dare
+from retrieval_prune.preprocess.model.dare_merge import DareMerge
 from retrieval_prune.preprocess.model.gmp import GlobalMagnitude
 from retrieval_prune.preprocess.model.loraprune import LoRAPrune
-from retrieval_prune.preprocess.model.dare_merge import DareMerge
 
 __all__ = ["Dare", "DareMerge", "GlobalMagnitude", "LoRAPrune"]
