@@ -32,7 +32,7 @@ def test_pseudo_qrels_grade_by_exact_rank_and_rank_the_exact_run_ideal():
     qrels = pseudo_qrels(run)
     assert set(qrels) == {"q"}  # a query without results has nothing to judge
     g = qrels["q"]
-    assert len(g) == 100 and g["d0"] == 100 and g["d1"] == 50 and g["d2"] == 33
+    assert len(g) == 100 and g["d0"] == 1000 and g["d1"] == 330 and g["d2"] == 172
     assert g["d99"] == 1 and "d100" not in g
     assert all(g[f"d{i}"] >= g[f"d{i + 1}"] for i in range(99))
     # the exact run is its own ideal ranking; moving its top document to rank 11 costs the

@@ -4,14 +4,17 @@ The loss of a compressed index is estimated as its disagreement with exact (unco
 MaxSim of the same encoder on a sample of queries, so no judgement is read and the search
 works on a user's own corpus:
 
-- **pseudo-judgements**: the exact run's top ``depth`` documents of each query are graded
-  ``round(scale / rank)`` (rank 1 -> 100, rank 2 -> 50, ... rank 100 -> 1), a graded
+- **pseudo-judgements**: the exact run's top 100 documents of each query are graded
+  ``round(1000 / rank**1.6)`` (rank 1 -> 1000, 2 -> 330, 3 -> 172, ... at least 1), a graded
   reference whose ideal ranking is the exact one; a pipeline's pseudo-nDCG@10 is 1.0 when
-  it returns exact MaxSim's top 10 in order, and ``est_loss = 1 - pseudo-nDCG@10``. A swap
-  far down the list costs little, losing exact top-1 costs most. It is a conservative
-  estimate of the relative nDCG@10 loss on real judgements: a compressed index loses
-  pseudo-nDCG for every reordering, real nDCG only for reorderings that move a relevant
-  document (``eval`` on real qrels checks its answer).
+  it returns exact MaxSim's top 10 in order, and ``est_loss = 1 - pseudo-nDCG@10``. The
+  grades follow the chance that exact MaxSim's rank-r document is relevant, which falls as
+  r^-1.65 (the shipped ft128) and r^-1.68 (zero-shot) on SciFact's **train** split (ranks
+  1-30; 0.60-0.66 at rank 1, 0.13 at rank 2; ``scripts/tune_check.py --prior
+  scifact:train``, eval/results/tune_check.md); if relevance followed them exactly, the
+  expected relative nDCG@10 loss on real judgements would be ``est_loss``. Losing exact
+  top-1 costs most, a swap far down the list little. ``eval`` on real qrels checks the
+  answer.
 - **queries**: ``corpus`` (the default) samples pseudo-queries from the documents (a window
   of 8-16 consecutive words of a random document, as the Inverse Cloze Task does), which
   needs nothing but the corpus; ``log`` takes the collection's own query texts (a query log;
@@ -92,18 +95,24 @@ def pseudo_queries(texts: Sequence[str], n: int, seed: int = 0, min_words: int =
     return src, out
 
 
+#: pseudo-judgement grade of exact rank r: round(GRADE_SCALE / r**GRADE_POWER), at least 1
+GRADE_SCALE, GRADE_POWER = 1000, 1.6
+
+
 def pseudo_qrels(exact_run: dict[str, dict[str, float]], depth: int = 100,
-                 scale: int = 100) -> dict[str, dict[str, int]]:
+                 scale: float = GRADE_SCALE, power: float = GRADE_POWER
+                 ) -> dict[str, dict[str, int]]:
     """Graded pseudo-judgements from an exact run: rank r (1-based, r <= depth) gets
-    ``max(1, round(scale / r))``.
+    ``max(1, round(scale / r**power))``.
 
     >>> pseudo_qrels({"q": {"a": 0.9, "b": 0.8, "c": 0.1}}, depth=2)
-    {'q': {'a': 100, 'b': 50}}
+    {'q': {'a': 1000, 'b': 330}}
     """
     out = {}
     for q, docs in exact_run.items():
         ranked = sorted(docs.items(), key=lambda x: -x[1])[:depth]
-        out[q] = {d: max(1, round(scale / r)) for r, (d, _) in enumerate(ranked, start=1)}
+        out[q] = {d: max(1, round(scale / r**power))
+                  for r, (d, _) in enumerate(ranked, start=1)}
     return {q: g for q, g in out.items() if g}
 
 
