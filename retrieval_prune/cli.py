@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--queries-n", type=int, default=100, metavar="N",
                     help="sample queries (default 100)")
     tn.add_argument("--eta", type=int, default=3, help="halving factor (default 3)")
-    tn.add_argument("--min-docs", type=int, default=1000, metavar="N",
-                    help="documents in the first rung's sample (default 1000)")
+    tn.add_argument("--min-docs", type=int, default=300, metavar="N",
+                    help="documents in the first rung's sample (default 300)")
     tn.add_argument("--seed", type=int, default=0)
     tn.add_argument("--json", metavar="PATH", help='write {"chosen", "frontier", "tried", ...}')
     tn.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -245,7 +245,7 @@ def _key(p: dict[str, Any], budget: dict[str, float | None]) -> tuple:
 def tune(data: str, *, checkpoint: str | None = None, max_bytes_per_doc: float | None = None,
          max_ms: float | None = None, max_loss: float | None = None,
          candidates: Sequence[str] | None = None, queries: str = "corpus",
-         n_queries: int = 100, eta: int = 3, min_docs: int = 1000, seed: int = 0,
+         n_queries: int = 100, eta: int = 3, min_docs: int = 300, seed: int = 0,
          progress: bool = True) -> TuneResult:
     """Search index pipelines for a budget on ``data`` without judgements (module docstring).
 
