@@ -54,7 +54,7 @@ def _model_facts(enc: Encoder, ckpt: str | None) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "params_total": int(total),
         "params_nonzero": int(nonzero),
-        "table_rows": int(enc.model.backbone.embeddings.word_embeddings.weight.shape[0]),
+        "table_rows": _table_rows(enc),
         "checkpoint_bytes": None,
         "weights_bytes": None,
         "delta_bytes": None,
@@ -108,6 +108,56 @@ def _interleaved_p50(src: Encoder, row: Encoder, texts: list[str]) -> tuple[floa
             enc.encode_queries([t], progress=False)
             ts[j].append((time.perf_counter() - t0) * 1e3)
     return float(np.median(ts[0])), float(np.median(ts[1]))
+
+
+def _table_rows(enc: Encoder) -> int:
+    return int(enc.model.backbone.embeddings.word_embeddings.weight.shape[0])
+
+
+def _has_table_step(reports: list[dict[str, Any]]) -> bool:
+    return any(r.get("stage") == "table" for r in reports)
+
+
+def _token_change(src: Encoder, row: Encoder, queries: list[str]) -> float:
+    """Share of the test queries whose query-path pieces change under the row's tokenizer
+    (a held-out report, not tuning)."""
+    from retrieval_prune.preprocess.table import query_token_change_share
+
+    return query_token_change_share(src.model, row.model, row.spec, queries)
+
+
+def refresh_token_change(doc: dict[str, Any], data: str) -> int:
+    """Fill ``test_queries_tokens_changed`` of table rows measured before it existed (their
+    checkpoints must still be on disk); returns how many rows were filled."""
+    from retrieval_prune.data.beir import load_beir, resolve_dataset
+
+    _, qtexts = load_beir(resolve_dataset(data), split="test").judged_queries()
+    n, sources = 0, {}
+    for r in doc["rows"]:
+        if r.get("test_queries_tokens_changed") is not None or not (
+                _has_table_step(r.get("reports") or []) and Path(r["checkpoint"]).is_dir()):
+            continue
+        key = (r["source"], r.get("source_sha256"))
+        if key not in sources:
+            sources[key] = _source_on_disk(r)
+        if sources[key] is None:
+            print(f"{r['label']!r}: its source {r['source']} ({str(key[1])[:8]}) is not on "
+                  "disk; left without the token-change share")
+            continue
+        r["test_queries_tokens_changed"] = _token_change(sources[key], _load(r["checkpoint"]),
+                                                         list(qtexts))
+        n += 1
+    return n
+
+
+def _source_on_disk(row: dict[str, Any]) -> Encoder | None:
+    """The encoder a row was measured against, if the one on disk is still it."""
+    if row["source"] == "zero-shot":
+        return _load(None)
+    path = Path(".cache/checkpoints") / row["source"]
+    if not path.is_dir() or str(read_config(path)["weights_sha256"]) != row.get("source_sha256"):
+        return None
+    return _load(str(path))
 
 
 def _doc_ms(enc: Encoder, texts: list[str]) -> float:
@@ -169,6 +219,8 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
     corpus = load_beir(resolve_dataset(data), split="test")
     _, qtexts = corpus.judged_queries()
     texts = (list(qtexts) * (1 + n_lat // max(len(qtexts), 1)))[:n_lat]
+    if _has_table_step(reports) or facts.get("table_rows") != _table_rows(src):
+        out["test_queries_tokens_changed"] = _token_change(src, row, list(qtexts))
     s50, r50 = _interleaved_p50(src, row, texts)
     out["source_query_encode_p50_ms"] = s50
     out["query_encode_p50_ms"] = r50
@@ -268,7 +320,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
              near_dups: dict[str, Any] | None = None) -> None:
     head = ["label", "stage", "pipeline", "source", "ndcg@10", "delta_ndcg@10", "recall@100",
             "top10_overlap", *[f"{o}:delta_ndcg@10" for o in ood], "weights MB", "delta MB",
-            "nonzero/total", "rows", "q p50 ms", "speedup", "doc ms", "pairs", "minutes"]
+            "nonzero/total", "rows", "q tok changed", "q p50 ms", "speedup", "doc ms", "pairs",
+            "minutes"]
     lines = ["# Data, model and table preprocessors (issue #13)", "",
              "Exact MaxSim (no index compression) of each preprocessed encoder beside its "
              "source; deltas are against the source's exact MaxSim on the same collection. "
@@ -292,6 +345,7 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
                  f((r["weights_bytes"] or 0) / 1e6, 2),
                  f(r["delta_bytes"] / 1e6, 2) if r.get("delta_bytes") else "-",
                  f"{r['params_nonzero'] / r['params_total']:.3f}", str(r["table_rows"]),
+                 f(r.get("test_queries_tokens_changed"), 3),
                  f(r["query_encode_p50_ms"], 2), f(r["query_encode_speedup"], 2),
                  f(r["doc_encode_ms_per_doc"], 2), f(r.get("pairs_kept")),
                  f(r.get("prepare_minutes") if r.get("prepare_minutes") is not None
@@ -369,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="record a data step's selection file in the data-selections table")
     ap.add_argument("--near-duplicates", action="append", default=[], metavar="NAME",
                     help="record a corpus's near-duplicate share (eps 0.05/0.10; diagnostic)")
+    ap.add_argument("--refresh-token-change", action="store_true",
+                    help="fill the test-query token-change share of table rows measured "
+                         "before it was recorded (tokenisation only)")
     args = ap.parse_args(argv)
     path = Path(args.json)
 
@@ -388,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "query_encode_speedup")}))
         atomic_write_json(path, doc, indent=1)
     doc = read()
+    if args.refresh_token_change:
+        print(f"token change filled in {refresh_token_change(doc, args.data)} rows")
     for f in args.selection:
         fact = selection_facts(f)
         doc["selections"] = [x for x in doc.get("selections", [])
