@@ -114,10 +114,6 @@ def _table_rows(enc: Encoder) -> int:
     return int(enc.model.backbone.embeddings.word_embeddings.weight.shape[0])
 
 
-def _has_table_step(reports: list[dict[str, Any]]) -> bool:
-    return any(r.get("stage") == "table" for r in reports)
-
-
 def _token_change(src: Encoder, row: Encoder, queries: list[str]) -> float:
     """Share of the test queries whose query-path pieces change under the row's tokenizer
     (a held-out report, not tuning)."""
@@ -127,15 +123,15 @@ def _token_change(src: Encoder, row: Encoder, queries: list[str]) -> float:
 
 
 def refresh_token_change(doc: dict[str, Any], data: str) -> int:
-    """Fill ``test_queries_tokens_changed`` of table rows measured before it existed (their
-    checkpoints must still be on disk); returns how many rows were filled."""
+    """Fill ``test_queries_tokens_changed`` of rows whose vocabulary differs from their
+    source's, measured before it was recorded (their checkpoints and sources must still be on
+    disk); returns how many rows were filled."""
     from retrieval_prune.data.beir import load_beir, resolve_dataset
 
     _, qtexts = load_beir(resolve_dataset(data), split="test").judged_queries()
     n, sources = 0, {}
     for r in doc["rows"]:
-        if r.get("test_queries_tokens_changed") is not None or not (
-                _has_table_step(r.get("reports") or []) and Path(r["checkpoint"]).is_dir()):
+        if r.get("test_queries_tokens_changed") is not None or not Path(r["checkpoint"]).is_dir():
             continue
         key = (r["source"], r.get("source_sha256"))
         if key not in sources:
@@ -144,9 +140,10 @@ def refresh_token_change(doc: dict[str, Any], data: str) -> int:
             print(f"{r['label']!r}: its source {r['source']} ({str(key[1])[:8]}) is not on "
                   "disk; left without the token-change share")
             continue
-        r["test_queries_tokens_changed"] = _token_change(sources[key], _load(r["checkpoint"]),
-                                                         list(qtexts))
-        n += 1
+        if r["table_rows"] != _table_rows(sources[key]):  # only a new vocabulary can re-split
+            r["test_queries_tokens_changed"] = _token_change(
+                sources[key], _load(r["checkpoint"]), list(qtexts))
+            n += 1
     return n
 
 
@@ -219,7 +216,7 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
     corpus = load_beir(resolve_dataset(data), split="test")
     _, qtexts = corpus.judged_queries()
     texts = (list(qtexts) * (1 + n_lat // max(len(qtexts), 1)))[:n_lat]
-    if _has_table_step(reports) or facts.get("table_rows") != _table_rows(src):
+    if facts["table_rows"] != _table_rows(src):  # only a new vocabulary can re-split queries
         out["test_queries_tokens_changed"] = _token_change(src, row, list(qtexts))
     s50, r50 = _interleaved_p50(src, row, texts)
     out["source_query_encode_p50_ms"] = s50

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval_prune.atomic import atomic_write_json  # noqa: E402
+from retrieval_prune.evaluation.tune import QUERY_SOURCES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "eval" / "results"
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", action="append", default=[])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--max-loss", type=float, default=0.01)
-    ap.add_argument("--queries", default="corpus", choices=["corpus", "log"])
+    ap.add_argument("--queries", default="corpus", choices=QUERY_SOURCES)
     ap.add_argument("--queries-n", type=int, default=100)
     ap.add_argument("--prior", action="append", default=[], metavar="NAME:SPLIT")
     ap.add_argument("--json", default=str(RESULTS / "tune_check.json"))

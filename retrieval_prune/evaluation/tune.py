@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,15 +134,10 @@ class TuneResult:
     n_docs: int
     seconds: float
     encoder: str
-    rungs: list[int] = field(default_factory=list)
+    rungs: list[int]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "chosen": self.chosen, "feasible": self.feasible, "frontier": self.frontier,
-            "tried": self.tried, "budget": self.budget, "dataset": self.dataset,
-            "queries": self.queries, "n_queries": self.n_queries, "n_docs": self.n_docs,
-            "rungs": self.rungs, "seconds": self.seconds, "encoder": self.encoder,
-        }
+        return asdict(self)
 
 
 def _check_budget(max_bytes_per_doc, max_ms, max_loss) -> None:
@@ -159,8 +155,6 @@ def _check_budget(max_bytes_per_doc, max_ms, max_loss) -> None:
 def _inputs(data: str, checkpoint: str | None, queries: str, n_queries: int, seed: int,
             progress: bool) -> dict[str, Any]:
     """Document vectors (embedding cache) and the sample queries' vectors of ``data``."""
-    from pathlib import Path
-
     from retrieval_prune.data.beir import load_beir, resolve_dataset
     from retrieval_prune.data.embeddings import is_embedding_set, load_embedding_set
 
@@ -315,7 +309,7 @@ def tune(data: str, *, checkpoint: str | None = None, max_bytes_per_doc: float |
             last = points
             break
         ranked = sorted(points, key=lambda p: (not _fits(p, budget, False), _key(p, budget)))
-        keep = ranked[: _survivors(len(alive), eta, 1)]
+        keep = ranked[: max(1, math.ceil(len(alive) / eta))]
         safest = min(points, key=lambda p: (p["est_loss"], p["bytes_per_doc"]))
         if safest not in keep:
             keep.append(safest)
@@ -333,14 +327,6 @@ def tune(data: str, *, checkpoint: str | None = None, max_bytes_per_doc: float |
                       budget=budget, dataset=inp["name"], queries=queries,
                       n_queries=len(inp["qids"]), n_docs=n, seconds=time.perf_counter() - t0,
                       encoder=inp["encoder"], rungs=sizes)
-
-
-def _survivors(n: int, eta: int, rungs: int) -> int:
-    """Candidates left after ``rungs`` halvings of ``n`` (at least one; the lowest-loss
-    candidate that rides along is not counted)."""
-    for _ in range(rungs):
-        n = max(1, math.ceil(n / eta))
-    return n
 
 
 def _pareto(points: list[dict[str, Any]]) -> list[int]:
