@@ -333,7 +333,8 @@ def write_md(rows: list[dict[str, Any]], path: Path, ood: list[str], commands: l
             return "-"
         return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
-    for r in rows:
+    stage_order = {"source": 0, "data": 1, "model": 2, "table": 3}
+    for r in sorted(rows, key=lambda r: stage_order.get(r["stage"], len(stage_order))):
         src = r["source"] + (f" ({r['source_sha256'][:8]})" if r.get("source_sha256") else "")
         cells = [r["label"], r["stage"], f"`{_cell(r['pipeline'])}`", src, f(r["ndcg@10"]),
                  f"{r['delta_ndcg@10']:+.4f}", f(r["recall@100"]), f(r["top10_overlap"], 3),
@@ -436,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             row["composition"] = composition(args.source, ckpt, args.data, args.composition)
         doc = read()
         key = (row["label"], row["source"])
-        doc["rows"] = [r for r in doc["rows"] if (r["label"], r["source"]) != key] + [row]
+        same = [i for i, r in enumerate(doc["rows"]) if (r["label"], r["source"]) == key]
+        if same:  # a re-measured row keeps its place in the table
+            doc["rows"][same[0]] = row
+        else:
+            doc["rows"].append(row)
         print(json.dumps({k: row[k] for k in ("label", "pipeline", "ndcg@10", "delta_ndcg@10",
                                               "top10_overlap", "weights_bytes",
                                               "query_encode_speedup")}))
