@@ -128,7 +128,7 @@ def refresh_token_change(doc: dict[str, Any], data: str) -> int:
     disk); returns how many rows were filled."""
     from retrieval_prune.data.beir import load_beir, resolve_dataset
 
-    _, qtexts = load_beir(resolve_dataset(data), split="test").judged_queries()
+    queries = list(load_beir(resolve_dataset(data), split="test").judged_queries()[1])
     n, sources = 0, {}
     for r in doc["rows"]:
         if r.get("test_queries_tokens_changed") is not None or not Path(r["checkpoint"]).is_dir():
@@ -142,9 +142,14 @@ def refresh_token_change(doc: dict[str, Any], data: str) -> int:
             continue
         if r["table_rows"] != _table_rows(sources[key]):  # only a new vocabulary can re-split
             r["test_queries_tokens_changed"] = _token_change(
-                sources[key], _load(r["checkpoint"]), list(qtexts))
+                sources[key], _load(r["checkpoint"]), queries)
             n += 1
     return n
+
+
+def _weights_sha(folder: Path) -> str:
+    """The sha256 of a checkpoint's weights, as its config records it (what rows name)."""
+    return str(read_config(folder)["weights_sha256"])
 
 
 def _source_on_disk(row: dict[str, Any]) -> Encoder | None:
@@ -152,7 +157,7 @@ def _source_on_disk(row: dict[str, Any]) -> Encoder | None:
     if row["source"] == "zero-shot":
         return _load(None)
     path = Path(".cache/checkpoints") / row["source"]
-    if not path.is_dir() or str(read_config(path)["weights_sha256"]) != row.get("source_sha256"):
+    if not path.is_dir() or _weights_sha(path) != row.get("source_sha256"):
         return None
     return _load(str(path))
 
@@ -202,8 +207,8 @@ def measure(source: str | None, ckpt: str, data: str, ood: list[str], n_lat: int
         "stage": stage,
         "pipeline": facts.pop("pipeline", None) or "none",
         "source": "zero-shot" if source in (None, "zero-shot") else Path(str(source)).name,
-        "source_sha256": None if source in (None, "zero-shot") else str(
-            read_config(resolve_checkpoint(source))["weights_sha256"]),
+        "source_sha256": None if source in (None, "zero-shot") else _weights_sha(
+            resolve_checkpoint(source)),
         "checkpoint": str(ckpt),
         **facts,
         "reports": reports,
