@@ -37,7 +37,8 @@ def profile_one(index, cache, q, k, alive, mark, stamp, buf):
     table = index._score_table(cache, qp)
     t1 = time.perf_counter()
     t["table"] = t1 - t0
-    probe = np.ascontiguousarray(index._probe(cache, table, qt), dtype=np.int64)
+    rng = np.full(2, np.nan, np.float32)
+    probe = np.ascontiguousarray(index._probe(cache, table, qt, rng), dtype=np.int64)
     t2 = time.perf_counter()
     t["probe"] = t2 - t1
     n = _ivf_k.gather_kernel(probe, cache["list_off"], cache["list_docs"], alive, mark, stamp, buf)
@@ -52,7 +53,7 @@ def profile_one(index, cache, q, k, alive, mark, stamp, buf):
         keep = None
         if index.t_cs is not None:
             keep = (table[:, : qt.shape[0]].max(axis=1) >= index.t_cs).astype(np.uint8)
-        s = index._interaction(cache, table, qt.shape[0], cand, keep)
+        s = index._interaction(cache, table, qt.shape[0], cand, keep, rng)
         cand = cand[_select_idx(s, n_keep)]
         t4 = time.perf_counter()
         t["approx_u8"] = t4 - t3

@@ -70,10 +70,13 @@ def test_topn_and_hamming_probe_match_numpy():
     t[10:14, 5] = 5.0  # a four-way tie across the cut of the top 3
     for n in (1, 3, 5):
         out = np.empty((7, n), np.int64)
-        K.topn_cols_kernel(t, 7, n, out)
+        rng_ = np.full(2, np.nan, np.float32)
+        K.topn_cols_kernel(t, 7, n, out, rng_)
         for i in range(7):
             want = np.lexsort((np.arange(50), -t[:, i]))[:n]
             np.testing.assert_array_equal(out[i], want)
+        # min and max are exact operations: the fused range equals numpy's, padding unread
+        assert (rng_[0], rng_[1]) == (t[:, :7].min(), t[:, :7].max())
     c = rng.standard_normal((40, 70)).astype(np.float32)
     q = rng.standard_normal((6, 70)).astype(np.float32)
     got = np.empty((6, 4), np.int64)
@@ -315,7 +318,7 @@ def test_table_range_quantize_and_probe_match_numpy():
         inv = np.float32(255.0 / (hi - lo))
         w8 = -(-n_q // 32) * 32
         for use_keep in (False, True):
-            out = np.zeros((301, w8), np.uint8)
+            out = np.full((301, w8), 77, np.uint8)  # not initialised: every lane is written
             K.quantize_table_kernel(t, n_q, np.float32(lo), inv, keep, use_keep, out)
             want = np.clip((t[:, :n_q] - np.float32(lo)) * inv + np.float32(0.5), 0, 255).astype(np.uint8)
             if use_keep:
@@ -324,9 +327,15 @@ def test_table_range_quantize_and_probe_match_numpy():
             assert np.all(out[:, n_q:] == 0)
         # lane-padded and unpadded tables probe alike
         a, b = np.empty((n_q, 4), np.int64), np.empty((n_q, 4), np.int64)
-        K.topn_cols_kernel(t, n_q, 4, a)
-        K.topn_cols_kernel(np.ascontiguousarray(t[:, :n_q]), n_q, 4, b)
+        ra, rb = np.empty(2, np.float32), np.empty(2, np.float32)
+        K.topn_cols_kernel(t, n_q, 4, a, ra)
+        K.topn_cols_kernel(np.ascontiguousarray(t[:, :n_q]), n_q, 4, b, rb)
         np.testing.assert_array_equal(a, b)
+        # the probe's fused range is the range kernel's, on both paths
+        assert tuple(ra) == tuple(rb) == (lo, hi)
+        for n in (1, 300, 301):  # the extremes also when the first rows fill whole lists
+            K.topn_cols_kernel(t, n_q, n, np.empty((n_q, n), np.int64), ra)
+            assert tuple(ra) == (lo, hi)
 
 
 def test_int8_centroids_round_trip_and_default_uses_them(tmp_path):

@@ -215,7 +215,7 @@ class HNSWIndex(StagedIndex):
         self._graph.save_index(str(path))
         return {GRAPH_FILE: path}
 
-    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray, rng: np.ndarray | None = None) -> np.ndarray:
         n = min(self.nprobe, table.shape[0])
         g = self._graph
         g.set_ef(max(self.ef, n))

@@ -76,7 +76,7 @@ class IVFIndex(StagedIndex):
         if self.probe == "hamming":
             cache["centroid_words"] = sign_words(cache["centroids"])
 
-    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray, rng: np.ndarray | None = None) -> np.ndarray:
         n = min(self.nprobe, table.shape[0])
         out = np.empty((q.shape[0], n), np.int64)
         if self.probe == "hamming":
@@ -85,5 +85,6 @@ class IVFIndex(StagedIndex):
                 words = cache["centroid_words"] = sign_words(cache["centroids"])
             _ivf_k.hamming_probe_kernel(sign_words(q), words, n, out)
         else:
-            _ivf_k.topn_cols_kernel(table, q.shape[0], n, out)
+            r = rng if rng is not None else np.empty(2, np.float32)
+            _ivf_k.topn_cols_kernel(table, q.shape[0], n, out, r)
         return out.reshape(-1)

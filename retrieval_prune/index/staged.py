@@ -56,6 +56,7 @@ from retrieval_prune.index.base import MultiVectorIndex, encode_strings
 from retrieval_prune.index.compressed import CompressedIndex
 from retrieval_prune.kernels import codes as _codes_k
 from retrieval_prune.kernels import ivf as _ivf_k
+from retrieval_prune.kernels.ops import _empty_aligned
 from retrieval_prune.registry import Param
 from retrieval_prune.types import MultiVectors
 
@@ -312,10 +313,13 @@ class StagedIndex(CompressedIndex):
     def _prepare_probe(self, cache: dict[str, Any]) -> None:
         """Subclass hook: probe structures (sign bits, graphs) into ``cache``."""
 
-    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def _probe(self, cache: dict[str, Any], table: np.ndarray, q: np.ndarray, rng: np.ndarray | None = None) -> np.ndarray:
         """Probed centroid ids (int64, any order, repeats allowed) of one query.
 
         ``table`` float32 ``(K, n_q)`` centroid similarities; ``q`` float32 ``(n_q, dim)``.
+        ``rng``: float32 ``(2,)`` a probe that reads the whole table may fill with its
+        minimum and maximum over the query's columns (the approximate stage then needs no
+        pass of its own); one that does not leaves it NaN.
         """
         raise NotImplementedError
 
@@ -362,7 +366,7 @@ class StagedIndex(CompressedIndex):
         cent = cache["centroids"]
         n_c, dim = cent.shape
         nv = qp.size // (dim * _LANES_F32)
-        out = np.empty((n_c, nv * _LANES_F32), np.float32)
+        out = _empty_aligned((n_c, nv * _LANES_F32), np.float32)  # later stages read it as is
         with _numba_threads(float(n_c) * nv * _LANES_F32 * dim):
             if cache["codebook_scale"].size > 0:
                 _codes_k.centroid_table_i8(
@@ -378,21 +382,24 @@ class StagedIndex(CompressedIndex):
 
         ``table``: the lane-padded score table (:meth:`_score_table`); ``q``: the query's
         ``(n_q, dim)`` tokens; ``qp``: the same packed."""
-        cand = self._candidates(cache, table, q, alive, mark, stamp, buf)
+        rng = np.full(2, np.nan, np.float32)
+        cand = self._candidates(cache, table, q, alive, mark, stamp, buf, rng)
         if cand.size == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         n_keep, n_final = self._stage_sizes(k)
         if cand.size > n_final:  # 3. approximate scoring on codes
-            idx = _select_idx(self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q)), n_keep)
+            s = self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q), rng)
+            idx = _select_idx(s, n_keep)
             cand = cand[idx]
             if cand.size > n_final:  # full interaction, float32 table, on the survivors
                 cand = cand[_select_idx(self._interaction_f32(cache, table, cand), n_final)]
         # 4. rerank
         return final_order(self._rerank(cache, table, q, cand, qp), cand, k)
 
-    def _candidates(self, cache, table, q, alive, mark, stamp, buf) -> np.ndarray:
-        """Stage 2: sorted positions of the live documents holding a probed centroid."""
-        probe = np.ascontiguousarray(self._probe(cache, table, q), dtype=np.int64)
+    def _candidates(self, cache, table, q, alive, mark, stamp, buf, rng=None) -> np.ndarray:
+        """Stage 2: sorted positions of the live documents holding a probed centroid
+        (``rng``: see :meth:`_probe`)."""
+        probe = np.ascontiguousarray(self._probe(cache, table, q, rng), dtype=np.int64)
         n = _ivf_k.gather_kernel(probe, cache["list_off"], cache["list_docs"], alive, mark, stamp, buf)
         return np.sort(buf[:n]).astype(np.int64)
 
@@ -451,8 +458,9 @@ class StagedIndex(CompressedIndex):
                 qpi = qp[int(qv_off[i]) * vsize : int(qv_off[i + 1]) * vsize]
                 table = tables[i] if tables is not None and tables[i] is not None else self._score_table(cache, qpi)
                 q = q_all[a:b]
-                cand = self._candidates(cache, table, q, alive, mark, i + 1, buf)
-                s = self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q)) \
+                rng = np.full(2, np.nan, np.float32)
+                cand = self._candidates(cache, table, q, alive, mark, i + 1, buf, rng)
+                s = self._interaction(cache, table, q.shape[0], cand, self._tcs_keep(table, q), rng) \
                     if cand.size else np.zeros(0, np.float32)
                 idx = _select_idx(s, n_keep)
                 answers.append(("cand", int(cand.size), cand[idx], s[idx]))
@@ -491,14 +499,17 @@ class StagedIndex(CompressedIndex):
         n_rerank = self.n_rerank if self.n_rerank is not None else max(n_cand // 4, k)
         return int(n_cand), int(n_rerank)
 
-    def _interaction(self, cache, table, n_q, cand, keep) -> np.ndarray:
+    def _interaction(self, cache, table, n_q, cand, keep, rng=None) -> np.ndarray:
         """Centroid interaction of candidates with a uint8 table (pruned rows when ``keep``).
 
-        ``table (K, W)``: score table whose first ``n_q`` columns are the query tokens."""
+        ``table (K, W)``: score table whose first ``n_q`` columns are the query tokens;
+        ``rng``: its minimum and maximum over them if the probe found them (NaN: not)."""
         use_keep = keep is not None
         keep_arr = keep if use_keep else np.zeros(1, np.uint8)
         if use_keep:
             lo, hi = _ivf_k.table_range_kernel(table, n_q, keep_arr, use_keep)
+        elif rng is not None and not np.isnan(rng[0]):
+            lo, hi = rng[0], rng[1]
         else:  # numpy's SIMD reductions (3x the kernel's speed) over the real columns
             t = table if table.shape[1] == n_q else table[:, :n_q]
             lo, hi = t.min(), t.max()
@@ -507,7 +518,7 @@ class StagedIndex(CompressedIndex):
             hi = lo
         scale = (hi - lo) / 255.0 if hi > lo else 1.0
         w = max(_LANES_U8, -(-n_q // _LANES_U8) * _LANES_U8)
-        t8 = np.zeros((table.shape[0], w), np.uint8)
+        t8 = _empty_aligned((table.shape[0], w), np.uint8)  # every lane written below
         _ivf_k.quantize_table_kernel(
             table, n_q, np.float32(lo), np.float32(1.0 / scale), keep_arr, use_keep, t8
         )

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from ._config import NJIT
-from .simd import popcount, vload, vlt_any
+from .simd import popcount, vload, vlt_any, vmax, vmin, vstore
 
 #: float32 lanes of the probe's vector path (the lane-padded table's column groups)
 _L = 16
@@ -120,10 +120,12 @@ def _topn_insert(best_s, best_c, i, p, s, c):
 
 
 @njit(**NJIT)
-def topn_cols_kernel(t, n_q, n, out):
+def topn_cols_kernel(t, n_q, n, out, rng):
     """Row ids of the ``n`` largest entries of each of the first ``n_q`` columns of
     ``t (K, W)`` float32 (a query's centroid scores), largest first, ties to the lower id:
-    ``out (n_q, n)``; ``n <= K``.
+    ``out (n_q, n)``; ``n <= K``. ``rng (2,)`` float32 receives the minimum and maximum
+    over those columns (what the uint8 table of the approximate stage is scaled by), found
+    in the same pass over the rows instead of a second one.
 
     Every column keeps a sorted best-``n`` list and its entry threshold. On the
     lane-padded table (``W % 16 == 0``) each 16-column group is one pass over the rows
@@ -140,12 +142,25 @@ def topn_cols_kernel(t, n_q, n, out):
             _topn_insert(best_s, best_c, i, c, t[c, i], c)
     for i in range(n_q):
         thr[i] = best_s[i, n - 1]
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for c in range(min(n, k)):
+        for i in range(n_q):
+            lo = min(lo, t[c, i])
+            hi = max(hi, t[c, i])
     if w % _L == 0 and t.strides[1] == 4 and t.strides[0] == 4 * w:
         flat = np.ascontiguousarray(t).reshape(-1)
+        vlo = np.empty(_L, np.float32)
+        vhi = np.empty(_L, np.float32)
         for g in range(0, n_q, _L):
             tv = vload(thr, g, _L)
+            x = vload(flat, min(n, k - 1) * w + g, _L)  # any real row seeds the extremes
+            mn = x
+            mx = x
             for c in range(n, k):
                 x = vload(flat, c * w + g, _L)
+                mn = vmin(mn, x)
+                mx = vmax(mx, x)
                 if vlt_any(tv, x):
                     for i in range(g, min(g + _L, n_q)):
                         s = t[c, i]
@@ -153,13 +168,22 @@ def topn_cols_kernel(t, n_q, n, out):
                             _topn_insert(best_s, best_c, i, n - 1, s, c)
                             thr[i] = best_s[i, n - 1]
                     tv = vload(thr, g, _L)
+            vstore(vlo, 0, mn)
+            vstore(vhi, 0, mx)
+            for i in range(min(_L, n_q - g)):  # the real lanes only: padding is not a score
+                lo = min(lo, vlo[i])
+                hi = max(hi, vhi[i])
     else:
         for c in range(n, k):
             for i in range(n_q):
                 s = t[c, i]
+                lo = min(lo, s)
+                hi = max(hi, s)
                 if s > thr[i]:
                     _topn_insert(best_s, best_c, i, n - 1, s, c)
                     thr[i] = best_s[i, n - 1]
+    rng[0] = lo
+    rng[1] = hi
     for i in range(n_q):
         for p in range(n):
             out[i, p] = best_c[i, p]
@@ -190,16 +214,20 @@ def quantize_table_kernel(t, n_q, lo, inv_scale, keep, use_keep, out):
     """uint8 code table of one query, lane-padded.
 
     ``t (K, W)`` float32 similarities of the centroids with the query tokens (the first
-    ``n_q`` columns are real); ``out (K, W8)`` uint8 zero-initialised (``W8 >= n_q``)
-    receives ``round((t[c, i] - lo) * inv_scale)``; a centroid with ``keep[c] == 0``
-    (pruned, when ``use_keep``) keeps 0 in every lane, the lowest value.
+    ``n_q`` columns are real); every lane of ``out (K, W8)`` uint8 (``W8 >= n_q``, need not
+    be initialised) is written: ``round((t[c, i] - lo) * inv_scale)`` for ``i < n_q``, 0 in
+    the padding lanes and in every lane of a centroid with ``keep[c] == 0`` (pruned, when
+    ``use_keep``), the lowest value.
     """
     k = t.shape[0]
+    w8 = out.shape[1]
     for c in range(k):
-        if use_keep and keep[c] == 0:
-            continue
-        row = t[c]
         orow = out[c]
+        if use_keep and keep[c] == 0:
+            orow[:] = 0
+            continue
+        orow[n_q:w8] = 0
+        row = t[c]
         for i in range(n_q):
             v = (row[i] - lo) * inv_scale + np.float32(0.5)
             if v < 0:

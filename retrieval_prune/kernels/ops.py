@@ -166,11 +166,20 @@ def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
     a = np.asarray(a)
     if a.flags.c_contiguous and a.ctypes.data % align == 0:
         return a
-    buf = np.empty(a.nbytes + align, np.uint8)
-    start = (-buf.ctypes.data) % align
-    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = _empty_aligned(a.shape, a.dtype, align)
     out[...] = a
     return out
+
+
+def _empty_aligned(shape, dtype, align: int = 64) -> np.ndarray:
+    """Uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
+    (large numpy allocations come from ``mmap`` 16 bytes past a page: never 64-aligned,
+    so a kernel output made with ``np.empty`` would be copied by :func:`_aligned`)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    return buf[start : start + n].view(dtype).reshape(shape)
 
 
 def _chunk_bounds(d_off: np.ndarray, n_chunks: int) -> np.ndarray:
