@@ -162,12 +162,17 @@ def test_missing_peers_python_is_an_error_with_the_fix():
 def test_peer_configs_defaults_and_matched():
     cfgs = peer_configs(["fast-plaid", "xtr-warp-rs"], (2, 4))
     assert [(c["peer"], c["nbits"], c["kind"]) for c in cfgs] == [
-        ("fast-plaid", 4, "defaults (= matched nbits=4)"),
-        ("fast-plaid", 2, "matched nbits=2"),
+        ("fast-plaid", 4, "defaults"),
+        ("fast-plaid", 2, "matched nbits=2, budget"),
+        ("fast-plaid", 4, "matched nbits=4, budget"),
         ("xtr-warp-rs", 4, "defaults (= matched nbits=4)"),
         ("xtr-warp-rs", 2, "matched nbits=2")]
     assert cfgs[0]["settings"] == {"create": {}, "search": {}}
     assert cfgs[1]["settings"]["create"] == {"nbits": 2}
+    # fast-plaid's matched rows fully score as many documents as our n_candidates by k
+    assert cfgs[1]["settings"]["search"] == {"by_k": {"10": {"n_full_scores": 256},
+                                                       "100": {"n_full_scores": 1024}}}
+    assert cfgs[4]["settings"] == {"create": {"nbits": 2}, "search": {}}
     with pytest.raises(ValueError, match="not one of"):
         peer_configs(["colbert"])
 
@@ -249,7 +254,8 @@ def test_bench_with_a_peer_has_every_column_and_e2e(tmp_path):
                  encoders={"float32": encoders["float32"]})
     ours, *peers = res["rows"]
     assert ours["error"] is None and ours["e2e_p50_ms_k10"] > 0
-    assert [p["pipeline"] for p in peers] == ["fast-plaid:nbits=4", "fast-plaid:nbits=2"]
+    assert [p["pipeline"] for p in peers] == ["fast-plaid:nbits=4", "fast-plaid:nbits=2,budget=matched",
+                                              "fast-plaid:nbits=4,budget=matched"]
     for peer in peers:
         assert "make peers" in peer["error"] and peer["p50_ms_k10"] is None
     assert "make peers" in bp.format_markdown(res)
@@ -272,11 +278,16 @@ def test_real_peer_finds_documents(tmp_path, peer):
     np.cumsum(lens, out=off[1:])
     with PeerProcess(PEERS_PYTHON, threads=2, log=tmp_path / "w.log") as p:
         assert p.request("info")[0]["versions"][peer]
+        # fast-plaid: a search budget by depth (the matched rows' n_full_scores)
+        search = {"by_k": {"10": {"n_full_scores": 64}}} if peer == "fast-plaid" else {}
         rep, _ = p.request("build", {"embeddings": emb, "offsets": off}, engine=peer,
-                           settings={"create": {"nbits": 2}}, index=str(tmp_path / "ix"))
+                           settings={"create": {"nbits": 2}, "search": search},
+                           index=str(tmp_path / "ix"))
         assert rep["meta"]["nbits"] == 2 and rep["index_bytes"] > 0
         hits = 0
         for i in range(0, 300, 30):
-            _, arr = p.request("search", {"queries": emb[off[i] : off[i + 1]]}, k=5)
+            rep, arr = p.request("search", {"queries": emb[off[i] : off[i + 1]]}, k=5)
             hits += int(arr["ids"][0] == i)
+            if peer == "fast-plaid":
+                assert rep["search_settings"] == {"n_full_scores": 64}
         assert hits >= 9, hits

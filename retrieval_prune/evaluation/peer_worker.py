@@ -257,6 +257,9 @@ class FastPlaidEngine:
         self.torch, self.fp = torch, fp_search
         self.create_kw = dict(settings.get("create") or {})
         self.search_kw = dict(settings.get("search") or {})
+        # {"10": {...}, "100": {...}}: keyword arguments by search depth (the largest listed
+        # depth >= k; above them all, the largest)
+        self.by_k = {int(d): dict(kw) for d, kw in (self.search_kw.pop("by_k", None) or {}).items()}
         self.folder = folder
         self.index = None
 
@@ -276,11 +279,15 @@ class FastPlaidEngine:
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
         kw = {"show_progress": False, "n_processes": 1, **self.search_kw}
+        depth = {}
+        if self.by_k:
+            depth = self.by_k[min((d for d in self.by_k if d >= k), default=max(self.by_k))]
+            kw.update(depth)
         res = self.index.search(queries_embeddings=self.torch.from_numpy(q).unsqueeze(0),
                                 top_k=k, **kw)[0]
         ids = np.fromiter((p for p, _ in res), np.int64, len(res))
         scores = np.fromiter((s for _, s in res), np.float32, len(res))
-        return ids, scores, {}
+        return ids, scores, dict(depth)
 
     def close(self) -> None:
         if self.index is not None:

@@ -29,6 +29,7 @@ which equals the defaults, so that row says so instead of being built twice).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -57,8 +58,12 @@ INSTALL_HINT = "make peers (creates .venv-peers with fast-plaid and xtr-warp-rs)
 #: each peer's documented defaults (the keyword defaults of its create/search calls)
 PEER_DEFAULTS: dict[str, dict[str, Any]] = {
     # FastPlaid.create(nbits=4, kmeans_niters=4, max_points_per_centroid=256, seed=42);
-    # FastPlaid.search(n_ivf_probe=8, n_full_scores=4096)
-    "fast-plaid": {"nbits": 4, "create": {}, "search": {}},
+    # FastPlaid.search(n_ivf_probe=8, n_full_scores=4096). Matched rows also match the
+    # search budget: documents fully scored = colbert-ai's ndocs by k, which our staged
+    # search takes as its n_candidates (256 at k <= 10, 1024 at k <= 100)
+    "fast-plaid": {"nbits": 4, "create": {}, "search": {},
+                   "matched_search": {"by_k": {"10": {"n_full_scores": 256},
+                                               "100": {"n_full_scores": 1024}}}},
     # XTRWarp.create(nbits=4, kmeans_niters=4, max_points_per_centroid=256, seed=42);
     # XTRWarp.search: bound/nprobe/t_prime/max_candidates/threshold from the index density
     "xtr-warp-rs": {"nbits": 4, "create": {}, "search": {}},
@@ -176,22 +181,28 @@ class PeerProcess:
 def peer_configs(peers: Sequence[str], nbits: Sequence[int] = (2, 4)
                  ) -> list[dict[str, Any]]:
     """One config per row: each peer's defaults, then each ``nbits`` that differs from
-    them (a matched ``nbits`` equal to the default's is that same row, marked so)."""
+    them (a matched ``nbits`` equal to the default's is that same row, marked so). A peer
+    with a search budget to match (``matched_search``: fast-plaid's ``n_full_scores``) gets
+    a matched row for every ``nbits``, its defaults row then being a row of its own; its
+    ``search`` settings hold ``by_k``: keyword arguments per search depth."""
     out = []
     for peer in peers:
         if peer not in PEER_DEFAULTS:
             raise ValueError(f"peer {peer!r} is not one of {list(PEER_DEFAULTS)}")
         d = PEER_DEFAULTS[peer]
-        same = [b for b in nbits if b == d["nbits"]]
+        budget = d.get("matched_search")
+        same = [b for b in nbits if b == d["nbits"] and not budget]
         out.append({"peer": peer, "settings": {"create": dict(d["create"]),
                                                "search": dict(d["search"])},
                     "kind": "defaults" + (f" (= matched nbits={same[0]})" if same else ""),
                     "nbits": d["nbits"]})
         for b in nbits:
-            if b != d["nbits"] and d["nbits"] is not None:
+            if (b != d["nbits"] or budget) and d["nbits"] is not None:
+                search = json.loads(json.dumps(budget)) if budget else {}
                 out.append({"peer": peer, "settings": {"create": {"nbits": int(b)},
-                                                       "search": {}},
-                            "kind": f"matched nbits={b}", "nbits": int(b)})
+                                                       "search": search},
+                            "kind": f"matched nbits={b}" + (", budget" if budget else ""),
+                            "nbits": int(b)})
     return out
 
 
@@ -222,7 +233,9 @@ class PeerEngine:
         self.ctx = ctx
         self.settings = settings or {"create": {}, "search": {}}
         self.python = str(python)
-        self.label = label or (f"{peer}-nbits{nbits}" if nbits else peer)
+        matched = "by_k" in self.settings.get("search", {})  # a matched search budget
+        self.label = label or ((f"{peer}-nbits{nbits}" if nbits else peer)
+                               + ("-budget" if matched else ""))
         root = Path(scratch).resolve() / "peers"
         self.folder = root / self.label
         self.log = root / f"{self.label}.log"
@@ -242,7 +255,8 @@ class PeerEngine:
         self.row: dict[str, Any] = {
             "dataset": ctx.name,
             "split": ctx.split,
-            "pipeline": f"{peer}:nbits={nbits}" if nbits else peer,
+            "pipeline": (f"{peer}:nbits={nbits}" if nbits else peer)
+                        + (",budget=matched" if matched else ""),
             "pipeline_canonical": None,
             "peer_settings": self.settings,
             "peer_settings_kind": kind,
