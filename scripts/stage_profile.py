@@ -50,11 +50,12 @@ def profile_one(index, cache, q, k, alive, mark, stamp, buf):
     n_keep, n_final = max(n_cand, n_rerank, k), max(n_rerank, k)
     t["approx_u8"] = t["approx_f32"] = 0.0
     if cand.size > n_final:
-        keep = None
-        if index.t_cs is not None:
-            keep = (table[:, : qt.shape[0]].max(axis=1) >= index.t_cs).astype(np.uint8)
-        s = index._interaction(cache, table, qt.shape[0], cand, keep, rng)
-        cand = cand[_select_idx(s, n_keep)]
+        if index._u8_cut(cand.size, n_keep):
+            keep = None
+            if index.t_cs is not None:
+                keep = (table[:, : qt.shape[0]].max(axis=1) >= index.t_cs).astype(np.uint8)
+            s = index._interaction(cache, table, qt.shape[0], cand, keep, rng)
+            cand = cand[_select_idx(s, n_keep)]
         t4 = time.perf_counter()
         t["approx_u8"] = t4 - t3
         if cand.size > n_final:

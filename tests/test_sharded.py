@@ -32,6 +32,9 @@ from retrieval_prune.retrieve import HashingEncoder, Retriever
 SPECS = [
     "pool:factor=2 | residual:nbits=2,normalize=true,k=48,centroid_bits=8 | ivf:nprobe=2",
     "residual:nbits=2,k=48 | ivf:nprobe=3,n_candidates=30,n_rerank=9",
+    # candidate counts on both sides of 2 x n_candidates: the uint8 cut runs for some
+    # queries and is skipped (every candidate scored in float32) for others
+    "residual:nbits=2,k=48 | ivf:nprobe=2,n_candidates=90,n_rerank=12",
     "residual:nbits=1,k=32",
     "flat",
     "residual:nbits=2,k=48 | hnsw:nprobe=3",

@@ -156,14 +156,17 @@ def _cut(scores: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
 
 def merge_staged(
     answers1: list[list[tuple]], phase2, bases: np.ndarray, k: int, n_keep: int, n_final: int,
+    u8_cut=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact staged search over shards from their two exchanges.
 
     ``answers1[s][i]``: shard ``s``'s first answer for query ``i``
     (:meth:`StagedIndex.shard_phase1`); ``phase2(orders)`` sends each shard its second
     orders and returns the answers (:meth:`StagedIndex.shard_phase2`); ``bases[s]``: global
-    position of shard ``s``'s first position. Returns ``(scores, global positions)`` of
-    shape ``(n_queries, k)``, padded with ``-inf`` / ``-1``.
+    position of shard ``s``'s first position; ``u8_cut(total, n_keep)``: whether the single
+    index would cut ``total`` candidates by the uint8 score
+    (:meth:`~retrieval_prune.index.staged.StagedIndex._u8_cut`; None: always). Returns
+    ``(scores, global positions)`` of shape ``(n_queries, k)``, padded with ``-inf`` / ``-1``.
     """
     from retrieval_prune.index.staged import final_order
 
@@ -188,9 +191,10 @@ def merge_staged(
         local = np.concatenate([a[2] for a in first]).astype(np.int64)
         approx = np.concatenate([a[3] for a in first]).astype(np.float32)
         if total > n_final:  # the single index cuts by the approximate score here
-            keep = _cut(approx, local + bases[shard_of], n_keep)
-            shard_of, local = shard_of[keep], local[keep]
-            use_f32[i] = keep.size > n_final
+            if u8_cut is None or u8_cut(total, n_keep):
+                keep = _cut(approx, local + bases[shard_of], n_keep)
+                shard_of, local = shard_of[keep], local[keep]
+            use_f32[i] = local.size > n_final
         for s in range(n_sh):
             orders[s][i] = (np.sort(local[shard_of == s]), use_f32[i])
     answers2 = phase2(orders) if any(o is not None for row in orders for o in row) else None
@@ -384,7 +388,8 @@ class ShardedIndex(MultiVectorIndex):
         if hasattr(first, "shard_phase1"):
             n_keep, n_final = first._stage_sizes(k)
             token, answers1 = runner.phase1(queries, k)
-            return merge_staged(answers1, lambda orders: runner.phase2(token, orders, n_final), bases, k, n_keep, n_final)
+            return merge_staged(answers1, lambda orders: runner.phase2(token, orders, n_final), bases, k,
+                                n_keep, n_final, u8_cut=first._u8_cut)
         return merge_topk(runner.topk(queries, k), bases, k)
 
     # -- description ---------------------------------------------------------------------------
