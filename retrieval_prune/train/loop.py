@@ -310,6 +310,13 @@ class _Source:
         return out
 
     def batch(self, n_queries: int, n_neg: int, pad_id: int):
+        """The next batch, collated: ``(query Batch, document Batch, labels, exclude)``."""
+        qs, docs, labels, exclude = self.pick(n_queries, n_neg)
+        return collate(self.q_tok, qs, pad_id), collate(self.d_tok, docs, pad_id), labels, exclude
+
+    def pick(self, n_queries: int, n_neg: int):
+        """The next batch as text positions: ``(queries, documents, labels, exclude)``
+        (documents: each query's positive, then its ``n_neg`` hard negatives)."""
         qs = self.next_queries(min(n_queries, len(self.pairs)))
         pos_docs = [int(self.rng.choice(self.pairs.positives[i])) for i in qs]
         neg_docs: list[int] = []
@@ -332,9 +339,7 @@ class _Source:
             for c, j in enumerate(docs):
                 if c != r and j in self.pos_sets[i]:
                     exclude[r, c] = True
-        q_batch = collate(self.q_tok, qs, pad_id)
-        d_batch = collate(self.d_tok, docs, pad_id)
-        return q_batch, d_batch, labels, exclude
+        return qs, docs, labels, exclude
 
 
 # -- the loop ------------------------------------------------------------------------------
