@@ -97,11 +97,15 @@ class OnnxQueryModel(nn.Module):
         return EncoderOutput(torch.from_numpy(out), vmask.bool(), None)
 
 
-def onnx_int8_model(model: ColBERTModel, num_threads: int | None = None) -> OnnxQueryModel:
+def onnx_int8_model(model: ColBERTModel, num_threads: int | None = None,
+                    keep_float: tuple[str, ...] = ()) -> OnnxQueryModel:
     """Export ``model``, quantise it to int8 with ONNX Runtime, and open a CPU session.
 
     ``num_threads``: intra-op threads of the session (None: ONNX Runtime's default).
-    ``model`` is not changed (it is exported in eval mode and left as it was).
+    ``keep_float``: MatMul nodes whose name contains one of these strings stay float32
+    (e.g. ``"/projection/"``, ``"/output/dense/"``: the FFN down-projections, whose inputs
+    carry BERT's activation outliers). ``model`` is not changed (it is exported in eval mode
+    and left as it was).
     """
     ort, (quantize_dynamic, quant_type) = _require()
     was_training = model.training
@@ -127,9 +131,16 @@ def onnx_int8_model(model: ColBERTModel, num_threads: int | None = None) -> Onnx
                 )
                 before = logging.root.manager.disable
                 logging.disable(logging.WARNING)  # "consider pre-processing" on the root logger
+                exclude = []
+                if keep_float:
+                    import onnx
+
+                    exclude = [n.name for n in onnx.load(str(f32)).graph.node
+                               if n.op_type == "MatMul" and any(k in n.name for k in keep_float)]
                 try:
                     quantize_dynamic(
-                        str(f32), str(i8), weight_type=quant_type.QInt8, per_channel=True
+                        str(f32), str(i8), weight_type=quant_type.QInt8, per_channel=True,
+                        nodes_to_exclude=exclude,
                     )
                 finally:
                     logging.disable(before)

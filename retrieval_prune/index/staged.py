@@ -19,7 +19,10 @@ with its own budget:
    candidate straight from its codes with a uint8-quantised table (parallel over
    documents); with ``t_cs`` set, centroids whose best similarity to any query token is
    below ``t_cs`` are pruned from this pass (PLAID's pruned interaction). The best
-   ``n_candidates`` are re-scored by the full interaction with the float32 table;
+   ``n_candidates`` are re-scored by the full interaction with the float32 table. Where
+   that cut would keep more than half of the candidates (and ``t_cs`` is unset), the
+   uint8 pass is skipped and every candidate goes to the float32 interaction: one pass
+   costs less than two (:meth:`StagedIndex._u8_cut`);
 4. **rerank** -- the best ``n_rerank`` are scored exactly against their decompressed
    residuals (``residual`` storage) or the float table (``kmeans`` storage); top ``k``.
 
