@@ -40,6 +40,7 @@ RECIPES = {  # label -> crisp spec (None: no CRISP)
 POSTHOC = ("25%", "50%", "8x32")
 OUT_JSON = Path("eval/results/crisp_long.json")
 OUT_MD = Path("eval/results/crisp_long.md")
+OUT_PNG = Path("eval/results/crisp_long.png")
 
 
 def flatten_step(points: list[dict], key: str = "own", tol: float = 0.005) -> int | None:
@@ -116,6 +117,9 @@ def merge(row: dict) -> None:
     rows.sort(key=lambda r: order.index(r["label"]))
     OUT_JSON.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     OUT_MD.write_text(markdown(rows))
+    from retrieval_prune.evaluation.plot import training_curves_plot
+
+    training_curves_plot(rows, OUT_PNG)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -124,7 +128,7 @@ def markdown(rows: list[dict]) -> str:
             "MaxSim over their judged documents plus seeded distractors; documents at the "
             "training length (180 tokens). `own` = the recipe's own clustering (none for "
             "no-CRISP); `post-hoc` = k-means of the no-CRISP encoder's vectors at the same "
-            "budget. Commands: the `command` of each row in the JSON.", ""]
+            "budget. Commands: the `command` of each row in the JSON. Plot: `crisp_long.png`.", ""]
     out += ["| recipe | trained layers | steps | s/step | cache s | flattens at | held-out nDCG@10 | vec/doc | held-out loss |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -126,3 +126,37 @@ def test_curve_trains_the_top_only_and_records_points(tmp_path, adi_pairs, n_fro
     assert info["seconds_per_step"] > 0
     if n_frozen:
         assert info["trainable_parameters"] < sum(p.numel() for p in model.parameters())
+
+
+def test_crisp_long_report_flattening_markdown_and_plot(tmp_path):
+    """The report of scripts/crisp_long.py on made-up rows (labelled synthetic)."""
+    import importlib.util
+    from pathlib import Path
+
+    from retrieval_prune.evaluation.plot import training_curves_plot
+
+    spec = importlib.util.spec_from_file_location(
+        "crisp_long", Path(__file__).resolve().parents[1] / "scripts" / "crisp_long.py")
+    cl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cl)
+
+    def pts(vals, extra=None):
+        return [{"step": 50 * i, "seconds": 10.0 * i, "train_loss": 1.0, "heldout_loss": 1.0 - v,
+                 "ndcg": {"own": v, **({"C25 post-hoc": v - 0.05} if extra else {})},
+                 "vectors_per_doc": {"own": 100.0, **({"C25 post-hoc": 25.0} if extra else {})}}
+                for i, v in enumerate(vals)]
+
+    rising = pts([0.3, 0.5, 0.6, 0.62, 0.623, 0.624])
+    assert cl.flatten_step(rising) == 150  # 0.62: nothing later more than 0.005 above
+    assert cl.flatten_step(pts([0.1, 0.2, 0.3])) is None  # still rising at the end
+    rows = [{"label": "no-crisp", "crisp": None, "trained_layers": 2, "steps": 250,
+             "seconds_per_step": 0.9, "cache_seconds": 100.0, "flattens_at": 150,
+             "points": pts([0.3, 0.5, 0.6, 0.62, 0.623, 0.624], extra=True)},
+            {"label": "C25", "crisp": "25%", "trained_layers": 2, "steps": 250,
+             "seconds_per_step": 1.0, "cache_seconds": 0.0, "flattens_at": None,
+             "points": pts([0.2, 0.4, 0.5, 0.55, 0.58, 0.6])}]
+    md = cl.markdown(rows)
+    assert "| C25 | 0.6000 | 100.0 | 0.5740 | 25.0 | +0.0260 |" in md  # same-budget comparison
+    assert "not yet" in md
+    png = training_curves_plot(rows, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""The compression–quality frontier: nDCG@10 against bytes per document (log scale)."""
+"""The compression–quality frontier (nDCG@10 against bytes per document, log scale) and
+training curves."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["pareto_front", "frontier_plot"]
+__all__ = ["pareto_front", "frontier_plot", "training_curves_plot"]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -113,5 +114,50 @@ def frontier_plot(rows: Sequence[dict[str, Any]], path: str | Path, *,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def training_curves_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write a PNG of training curves (``scripts/crisp_long.py`` rows): held-out nDCG@10
+    and held-out loss against training steps, one line per recipe; a no-CRISP row's
+    post-hoc clusterings are drawn dashed in the colour of the CRISP recipe of that budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no rows to plot; run scripts/crisp_long.py first")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12.4, 4.6))
+    colours = {}
+    for r in rows:
+        steps = [p["step"] for p in r["points"]]
+        (line,) = a1.plot(steps, [p["ndcg"]["own"] for p in r["points"]], marker="o", ms=3,
+                          label=f"{r['label']} ({r['trained_layers']} layers trained)")
+        colours[r["label"]] = line.get_color()
+        a2.plot(steps, [p["heldout_loss"] for p in r["points"]], marker="o", ms=3,
+                color=line.get_color(), label=r["label"])
+    for r in rows:
+        if r["crisp"] is not None:
+            continue
+        for key in r["points"][0]["ndcg"]:
+            if key == "own":
+                continue
+            budget = key.split()[0]
+            a1.plot([p["step"] for p in r["points"]], [p["ndcg"][key] for p in r["points"]],
+                    ls="--", lw=1, color=colours.get(budget, "grey"),
+                    label=f"{r['label']} + {key}")
+    a1.set_xlabel("training step")
+    a1.set_ylabel("held-out nDCG@10 (SciFact train queries)")
+    a1.legend(fontsize=7)
+    a1.grid(alpha=0.3)
+    a2.set_xlabel("training step")
+    a2.set_ylabel("held-out loss")
+    a2.legend(fontsize=7)
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
