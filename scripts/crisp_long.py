@@ -86,7 +86,8 @@ def run(a: argparse.Namespace) -> list[dict]:
         row = {
             "label": label, "crisp": crisp, "frozen_layers": n_frozen,
             "trained_layers": 6 - n_frozen, "steps": info["steps"],
-            "seconds_per_step": info["seconds_per_step"], "train_seconds": info["train_seconds"],
+            "seconds_per_step": info["seconds_per_step"],
+            "mean_seconds_per_step": info["mean_seconds_per_step"], "train_seconds": info["train_seconds"],
             "cache_seconds": round(info["cache_seconds"], 1),
             "wall_seconds": round(time.monotonic() - t0, 1),
             "trainable_parameters": info["trainable_parameters"],

@@ -278,7 +278,7 @@ def train_curve(
     loss and nDCG@10 over an :class:`EvalSet` of that collection. ``posthoc``: CRISP specs
     (``"25%"``, ``"8x32"``) to also evaluate by clustering this run's vectors after the fact
     (meaningful for a run without CRISP). Returns ``(model, points, info)``; ``info`` holds
-    the seconds per step and the cache's build seconds.
+    the seconds per step (median and mean) and the cache's build seconds.
     """
     crisp = config.crisp_spec
     torch.manual_seed(config.seed)
@@ -374,6 +374,7 @@ def train_curve(
 
     points: list[CurvePoint] = []
     losses: list[float] = []
+    step_s: list[float] = []
     train_s = 0.0
     want = sorted({int(s) for s in eval_steps if 0 <= int(s) <= config.max_steps})
     model.train()
@@ -407,13 +408,16 @@ def train_curve(
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-            train_s += time.monotonic() - t0
+            step_s.append(time.monotonic() - t0)
+            train_s += step_s[-1]
             bar.set_postfix_str(f"loss={losses[-1]:.3f}", refresh=False)
             bar.update(1)
     finally:
         bar.close()
     model.eval()
+    # the median: a step the machine stalled (another job, a paused process) does not move it
     info.update(steps=step, train_seconds=round(train_s, 1),
-                seconds_per_step=round(train_s / max(step, 1), 3),
+                seconds_per_step=round(float(np.median(step_s)) if step_s else 0.0, 3),
+                mean_seconds_per_step=round(train_s / max(step, 1), 3),
                 loss_per20=[float(np.mean(losses[i : i + 20])) for i in range(0, len(losses), 20)])
     return model, points, info
