@@ -57,6 +57,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     import torch
 
     from retrieval_prune.encode.checkpoint import colbert_spec, save_checkpoint
+    from retrieval_prune.evaluation.metrics import evaluate
     from retrieval_prune.train.cached import heldout_split, train_curve
     from retrieval_prune.train.data import load_pairs
     from retrieval_prune.train.loop import TrainConfig
@@ -78,6 +79,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         print(f"== {label}: crisp={crisp}, frozen layers {n_frozen}, {a.steps} steps", flush=True)
         model, points, info = train_curve(
             cfg, pairs, held, n_frozen=n_frozen, eval_steps=steps,
+            metric=lambda qrels, run: evaluate(qrels, run, ("nDCG@10",))["ndcg@10"],
             posthoc=POSTHOC if crisp is None else (), cache_folder=a.cache,
             distractors=a.distractors, progress=not a.quiet,
             log=lambda s: print(f"  {s}", flush=True))
@@ -97,6 +99,7 @@ def run(a: argparse.Namespace) -> list[dict]:
             "checkpoint": str(ck), "config": cfg.to_dict(),
             "command": "python scripts/crisp_long.py " + " ".join(sys.argv[1:]),
             "torch_threads": torch.get_num_threads(),
+            "note": a.note,
         }
         meta = {"training": {"config": cfg.to_dict(), "recipe": "cached lower layers"
                              if n_frozen else "full backprop", "frozen_layers": n_frozen,
@@ -158,6 +161,9 @@ def markdown(rows: list[dict]) -> str:
                        f"{own['ndcg']['own'] - last['ndcg'][key]:+.4f} |")
         out.append(f"| none (no-CRISP) | - | - | {last['ndcg']['own']:.4f} | "
                    f"{last['vectors_per_doc']['own']:.1f} | - |")
+    notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        out += ["", "## Notes", "", *notes]
     out += ["", "## Curves", ""]
     for r in rows:
         keys = list(r["points"][0]["ndcg"])
@@ -187,6 +193,8 @@ def main() -> int:
     ap.add_argument("--cache", default=".cache/train/layer-states")
     ap.add_argument("--out", default=".cache/checkpoints")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("--note", default=None,
+                    help="a line kept with the row (e.g. what else the host was running)")
     a = ap.parse_args()
     a.data = a.data or ["scifact", "squad"]
     if not 1 <= a.train_layers <= 5:

@@ -9,6 +9,7 @@ import torch
 
 from retrieval_prune.encode.checkpoint import colbert_spec
 from retrieval_prune.encode.model import TextTokenizer, collate
+from retrieval_prune.evaluation.metrics import evaluate
 from retrieval_prune.train.cached import (
     LayerCache,
     heldout_split,
@@ -21,6 +22,10 @@ from tests.conftest import tiny_colbert
 
 TEXTS = ["a short one", "a somewhat longer document about retrieval and pruning of indexes",
          "x", "multi vector late interaction with many many tokens in it " * 3]
+
+
+def ndcg10(qrels, run) -> float:
+    return evaluate(qrels, run, ("nDCG@10",))["ndcg@10"]
 
 
 def _tok(model, maxlen=40):
@@ -106,7 +111,7 @@ def test_curve_trains_the_top_only_and_records_points(tmp_path, adi_pairs, n_fro
                       lr=1e-3, projection_lr=1e-2, warmup=0.0, doc_maxlen=64, seed=0,
                       threads=1, dim=32)
     model, points, info = train_curve(
-        cfg, [tr], held, n_frozen=n_frozen, eval_steps=[0, 3, 6],
+        cfg, [tr], held, n_frozen=n_frozen, eval_steps=[0, 3, 6], metric=ndcg10,
         posthoc=["50%"] if crisp is None else [], cache_folder=tmp_path, distractors=20,
         model=model, progress=False, log=lambda s: None)
     assert [p.step for p in points] == [0, 3, 6] and info["steps"] == 6

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,9 +231,8 @@ def _pool(v: torch.Tensor, m: torch.Tensor, crisp: CrispSpec | None, kind: str):
     return (v, m) if crisp is None else kmeans_pool(v, m, crisp, kind)
 
 
-def _ndcg(qv, qm, dv, dm, es: EvalSet, chunk: int = 128) -> float:
-    from retrieval_prune.evaluation.metrics import evaluate
-
+def _ndcg(qv, qm, dv, dm, es: EvalSet, metric: Callable[[dict, dict], float],
+          chunk: int = 128) -> float:
     scores = []
     for a in range(0, dv.shape[0], chunk):
         scores.append(maxsim_logits(qv, qm, dv[a : a + chunk], dm[a : a + chunk], 1.0))
@@ -243,7 +242,7 @@ def _ndcg(qv, qm, dv, dm, es: EvalSet, chunk: int = 128) -> float:
     for r, q in enumerate(es.pairs.query_ids):
         run[q] = {es.pairs.doc_ids[int(es.doc_index[int(j)])]: float(v)
                   for v, j in zip(top.values[r], top.indices[r], strict=True)}
-    return evaluate(es.qrels, run, ("nDCG@10",))["ndcg@10"]
+    return float(metric(es.qrels, run))
 
 
 # -- the curve --------------------------------------------------------------------------------
@@ -264,6 +263,7 @@ def train_curve(
     *,
     n_frozen: int,
     eval_steps: Sequence[int],
+    metric: Callable[[dict, dict], float],
     posthoc: Sequence[str] = (),
     cache_folder: str | Path | None = None,
     distractors: int = 1000,
@@ -275,7 +275,10 @@ def train_curve(
     full recipe) for ``config.max_steps`` steps; evaluate at ``eval_steps``.
 
     ``held``: held-out training queries of one collection (:func:`heldout_split`) -- their
-    loss and nDCG@10 over an :class:`EvalSet` of that collection. ``posthoc``: CRISP specs
+    loss and nDCG@10 over an :class:`EvalSet` of that collection, scored by ``metric(qrels,
+    run)`` (``{qid: {doc: grade}}``, ``{qid: {doc: score}}``; the caller's ranking metric, e.g.
+    nDCG@10 of :func:`retrieval_prune.evaluation.metrics.evaluate`: training sits below
+    evaluation and does not import it). ``posthoc``: CRISP specs
     (``"25%"``, ``"8x32"``) to also evaluate by clustering this run's vectors after the fact
     (meaningful for a run without CRISP). Returns ``(model, points, info)``; ``info`` holds
     the seconds per step (median and mean) and the cache's build seconds.
@@ -367,7 +370,7 @@ def train_curve(
             for label, spec in specs:
                 pq, pqm = _pool(qv, qm, spec, "queries")
                 pd, pdm = _pool(dv, dm, spec, "documents")
-                nd[label] = _ndcg(pq, pqm, pd, pdm, es)
+                nd[label] = _ndcg(pq, pqm, pd, pdm, es, metric)
                 vpd[label] = float(pdm.sum()) / pdm.shape[0]
         model.train()
         return hl, nd, vpd
