@@ -76,6 +76,20 @@ def run(a: argparse.Namespace) -> list[dict]:
         if steps[-1] != a.steps:
             steps.append(a.steps)
         t0 = time.monotonic()
+        if a.timing_only:  # no evaluation, no checkpoint: seconds per step, side by side
+            print(f"== timing {label}: frozen layers {n_frozen}, {a.steps} steps", flush=True)
+            _, _, info = train_curve(
+                cfg, pairs, held, n_frozen=n_frozen, eval_steps=[], metric=lambda q, r: 0.0,
+                cache_folder=a.cache, distractors=a.distractors, progress=not a.quiet)
+            rows.append({"label": label, "frozen_layers": n_frozen, "steps": info["steps"],
+                         "threads": torch.get_num_threads(),
+                         "seconds_per_step": info["seconds_per_step"],
+                         "mean_seconds_per_step": info["mean_seconds_per_step"],
+                         "trainable_parameters": info["trainable_parameters"],
+                         "command": "python scripts/crisp_long.py " + " ".join(sys.argv[1:]),
+                         "note": a.note})
+            print(f"  {info['seconds_per_step']:.3f} s/step (median)", flush=True)
+            continue
         print(f"== {label}: crisp={crisp}, frozen layers {n_frozen}, {a.steps} steps", flush=True)
         model, points, info = train_curve(
             cfg, pairs, held, n_frozen=n_frozen, eval_steps=steps,
@@ -111,6 +125,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                         overwrite=True)
         rows.append(row)
         merge(row)
+    if a.timing_only:
+        merge_timing(rows)
     return rows
 
 
@@ -119,14 +135,24 @@ def merge(row: dict) -> None:
     rows = [r for r in old["rows"] if r["label"] != row["label"]] + [row]
     order = list(RECIPES)
     rows.sort(key=lambda r: order.index(r["label"]))
-    OUT_JSON.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    OUT_MD.write_text(markdown(rows))
+    timing = old.get("timing", [])
+    OUT_JSON.write_text(json.dumps({"rows": rows, "timing": timing}, indent=1) + "\n")
+    OUT_MD.write_text(markdown(rows, timing))
     from retrieval_prune.evaluation.plot import training_curves_plot
 
     training_curves_plot(rows, OUT_PNG)
 
 
-def markdown(rows: list[dict]) -> str:
+def merge_timing(new: list[dict]) -> None:
+    """``--timing-only`` rows replace those of the same recipe and thread count."""
+    old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {"rows": []}
+    keys = {(r["label"], r["threads"]) for r in new}
+    timing = [r for r in old.get("timing", []) if (r["label"], r["threads"]) not in keys] + new
+    OUT_JSON.write_text(json.dumps({"rows": old["rows"], "timing": timing}, indent=1) + "\n")
+    OUT_MD.write_text(markdown(old["rows"], timing))
+
+
+def markdown(rows: list[dict], timing: list[dict] = ()) -> str:
     out = ["# CRISP trained long: training curves on cached lower-layer states (issue #15)", ""]
     out += ["Held-out SciFact **training** queries (never the test split); nDCG@10 by exact "
             "MaxSim over their judged documents plus seeded distractors; documents at the "
@@ -161,6 +187,14 @@ def markdown(rows: list[dict]) -> str:
                        f"{own['ndcg']['own'] - last['ndcg'][key]:+.4f} |")
         out.append(f"| none (no-CRISP) | - | - | {last['ndcg']['own']:.4f} | "
                    f"{last['vectors_per_doc']['own']:.1f} | - |")
+    if timing:
+        out += ["", "## Time per step, measured side by side (`--timing-only`, no evaluation)", "",
+                "| recipe | trained layers | threads | steps | s/step (median) | s/step (mean) | "
+                "trainable parameters |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in timing:
+            out.append(f"| {r['label']} | {6 - r['frozen_layers']} | {r['threads']} | "
+                       f"{r['steps']} | {r['seconds_per_step']:.3f} | "
+                       f"{r['mean_seconds_per_step']:.3f} | {r['trainable_parameters']:,} |")
     notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         out += ["", "## Notes", "", *notes]
@@ -193,6 +227,9 @@ def main() -> int:
     ap.add_argument("--cache", default=".cache/train/layer-states")
     ap.add_argument("--out", default=".cache/checkpoints")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only time --steps steps of each recipe (no evaluation, no "
+                    "checkpoint), into the report's time-per-step table")
     ap.add_argument("--note", default=None,
                     help="a line kept with the row (e.g. what else the host was running)")
     a = ap.parse_args()

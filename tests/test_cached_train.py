@@ -163,5 +163,16 @@ def test_crisp_long_report_flattening_markdown_and_plot(tmp_path):
     md = cl.markdown(rows)
     assert "| C25 | 0.6000 | 100.0 | 0.5740 | 25.0 | +0.0260 |" in md  # same-budget comparison
     assert "not yet" in md
+    assert "## Time per step" not in md and "## Notes" not in md
+    rows[1]["note"] = "shared the host with a build"
+    timing = [{"label": "no-crisp", "frozen_layers": 4, "threads": 2, "steps": 20,
+               "seconds_per_step": 0.8, "mean_seconds_per_step": 0.85,
+               "trainable_parameters": 3_598_080},
+              {"label": "full", "frozen_layers": 0, "threads": 2, "steps": 20,
+               "seconds_per_step": 3.1, "mean_seconds_per_step": 3.2,
+               "trainable_parameters": 22_000_000}]
+    md = cl.markdown(rows, timing)
+    assert "| full | 6 | 2 | 20 | 3.100 | 3.200 | 22,000,000 |" in md
+    assert "- C25: shared the host with a build" in md
     png = training_curves_plot(rows, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
