@@ -79,7 +79,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         if a.timing_only:  # no evaluation, no checkpoint: seconds per step, side by side
             print(f"== timing {label}: frozen layers {n_frozen}, {a.steps} steps", flush=True)
             _, _, info = train_curve(
-                cfg, pairs, held, n_frozen=n_frozen, eval_steps=[], metric=lambda q, r: 0.0,
+                cfg, pairs, held, n_frozen=n_frozen, eval_steps=[],
                 cache_folder=a.cache, distractors=a.distractors, progress=not a.quiet)
             rows.append({"label": label, "frozen_layers": n_frozen, "steps": info["steps"],
                          "threads": torch.get_num_threads(),

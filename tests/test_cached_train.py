@@ -176,3 +176,12 @@ def test_crisp_long_report_flattening_markdown_and_plot(tmp_path):
     assert "- C25: shared the host with a build" in md
     png = training_curves_plot(rows, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_needs_a_metric_only_to_evaluate(adi_pairs):
+    tr, held = heldout_split(adi_pairs, 8, seed=0)
+    cfg = TrainConfig(data=("adi",), max_steps=1, batch_size=4, negatives=1, seed=0, threads=1,
+                      dim=32)
+    with pytest.raises(ValueError, match="eval_steps need metric"):
+        train_curve(cfg, [tr], held, n_frozen=1, eval_steps=[0], model=tiny_colbert(layers=2),
+                    progress=False, log=lambda s: None)

@@ -124,11 +124,12 @@ class LayerCache:
     """States after layer ``n_frozen`` of every text of ``tok``: one float32 array of all
     tokens (text ``i`` is rows ``off[i]:off[i+1]``), kept in memory and optionally on disk
     (``folder``: ``.npy`` files named by the frozen weights' and the token ids' sha256, so a
-    changed model or text never reads stale states; loaded without pickle)."""
+    changed model or text never reads stale states; loaded without pickle). ``lower_sha``:
+    :func:`_lower_sha` of ``model`` already computed (several caches of one model)."""
 
     def __init__(self, model: ColBERTModel, n_frozen: int, tok: Tokenized, *,
                  folder: str | Path | None = None, batch: int = 32, progress: bool = True,
-                 desc: str = "cache") -> None:
+                 desc: str = "cache", lower_sha: str | None = None) -> None:
         n_layers = len(_layers(model))
         if isinstance(n_frozen, bool) or not isinstance(n_frozen, int) or not 0 < n_frozen < n_layers:
             raise ValueError(f"n_frozen={n_frozen!r} must be an int in 1..{n_layers - 1} "
@@ -139,7 +140,8 @@ class LayerCache:
         self.off = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=self.off[1:])
         self.key = hashlib.sha256(
-            f"{_lower_sha(model, n_frozen)}:{n_frozen}:{_ids_sha(tok)}".encode()).hexdigest()[:24]
+            f"{lower_sha or _lower_sha(model, n_frozen)}:{n_frozen}:{_ids_sha(tok)}".encode()
+        ).hexdigest()[:24]
         path = Path(folder) / f"{self.key}.npy" if folder is not None else None
         if path is not None and path.is_file():
             states = np.load(path, mmap_mode=None, allow_pickle=False)
@@ -263,7 +265,7 @@ def train_curve(
     *,
     n_frozen: int,
     eval_steps: Sequence[int],
-    metric: Callable[[dict, dict], float],
+    metric: Callable[[dict, dict], float] | None = None,
     posthoc: Sequence[str] = (),
     cache_folder: str | Path | None = None,
     distractors: int = 1000,
@@ -278,11 +280,14 @@ def train_curve(
     loss and nDCG@10 over an :class:`EvalSet` of that collection, scored by ``metric(qrels,
     run)`` (``{qid: {doc: grade}}``, ``{qid: {doc: score}}``; the caller's ranking metric, e.g.
     nDCG@10 of :func:`retrieval_prune.evaluation.metrics.evaluate`: training sits below
-    evaluation and does not import it). ``posthoc``: CRISP specs
+    evaluation and does not import it; needed when ``eval_steps`` is not empty). ``posthoc``: CRISP specs
     (``"25%"``, ``"8x32"``) to also evaluate by clustering this run's vectors after the fact
     (meaningful for a run without CRISP). Returns ``(model, points, info)``; ``info`` holds
     the seconds per step (median and mean) and the cache's build seconds.
     """
+    if metric is None and len(eval_steps):
+        raise ValueError("train_curve: eval_steps need metric=... (e.g. nDCG@10 of "
+                         "retrieval_prune.evaluation.metrics.evaluate)")
     crisp = config.crisp_spec
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -305,13 +310,14 @@ def train_curve(
     caches: dict[int, tuple[LayerCache, LayerCache]] = {}
     held_q = None
     if n_frozen:
+        sha = _lower_sha(model, n_frozen)  # the frozen weights, hashed once for every cache
         for j, s in enumerate(sources):
-            caches[j] = (LayerCache(model, n_frozen, s.q_tok, folder=cache_folder,
+            caches[j] = (LayerCache(model, n_frozen, s.q_tok, folder=cache_folder, lower_sha=sha,
                                     progress=progress, desc=f"cache {s.pairs.name} queries"),
-                         LayerCache(model, n_frozen, s.d_tok, folder=cache_folder,
+                         LayerCache(model, n_frozen, s.d_tok, folder=cache_folder, lower_sha=sha,
                                     progress=progress, desc=f"cache {s.pairs.name} docs"))
             info["cache_seconds"] += caches[j][0].seconds + caches[j][1].seconds
-        held_q = LayerCache(model, n_frozen, held_src.q_tok, folder=cache_folder,
+        held_q = LayerCache(model, n_frozen, held_src.q_tok, folder=cache_folder, lower_sha=sha,
                             progress=progress, desc="cache held-out queries")
         info["cache_seconds"] += held_q.seconds
     held_docs = next((caches[j][1] for j, s in enumerate(sources)
@@ -330,7 +336,7 @@ def train_curve(
     trainable = [p for g in groups for p in g["params"]]
     info["trainable_parameters"] = int(sum(p.numel() for p in trainable))
 
-    def encode(kind_cache, tok_, index, train: bool):
+    def encode(kind_cache, tok_, index):
         if n_frozen:
             h, am, vm = kind_cache.batch(index)
             return top_forward(model, n_frozen, h, am, vm)
@@ -338,13 +344,13 @@ def train_curve(
         out = model(b.input_ids, b.attention_mask, b.vector_mask)
         return out.vectors, out.mask
 
-    def step_loss(j: int, pick, train: bool) -> torch.Tensor:
+    def step_loss(j: int, pick) -> torch.Tensor:
         qs, docs, labels, exclude = pick
         src = sources[j] if j >= 0 else held_src
         qc = (caches[j][0] if j >= 0 else held_q) if n_frozen else None
         dc = (caches[j][1] if j >= 0 else held_docs) if n_frozen else None
-        qv, qm = _pool(*encode(qc, src.q_tok, qs, train), crisp, "queries")
-        dv, dm = _pool(*encode(dc, src.d_tok, docs, train), crisp, "documents")
+        qv, qm = _pool(*encode(qc, src.q_tok, qs), crisp, "queries")
+        dv, dm = _pool(*encode(dc, src.d_tok, docs), crisp, "documents")
         logits = maxsim_logits(qv, qm, dv, dm, config.temperature).masked_fill(exclude, float("-inf"))
         return F.cross_entropy(logits, labels)
 
@@ -353,12 +359,12 @@ def train_curve(
     def evaluate_now() -> tuple[float, dict[str, float], dict[str, float]]:
         model.eval()
         with torch.no_grad():
-            hl = float(np.mean([float(step_loss(-1, b, False)) for b in es.loss_batches]))
-            qv, qm = encode(held_q, held_src.q_tok, list(range(len(held))), False)
+            hl = float(np.mean([float(step_loss(-1, b)) for b in es.loss_batches]))
+            qv, qm = encode(held_q, held_src.q_tok, list(range(len(held))))
             dvs, dms = [], []
             d_index = es.doc_index.tolist()
             for a in range(0, len(d_index), 64):
-                v, m = encode(held_docs, sources[held_j].d_tok, d_index[a : a + 64], False)
+                v, m = encode(held_docs, sources[held_j].d_tok, d_index[a : a + 64])
                 dvs.append(v)
                 dms.append(m)
             width = max(v.shape[1] for v in dvs)
@@ -402,7 +408,7 @@ def train_curve(
             factor = _lr_factor(step / config.max_steps, config.warmup)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            loss = step_loss(j, sources[j].pick(config.batch_size, config.negatives), True)
+            loss = step_loss(j, sources[j].pick(config.batch_size, config.negatives))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step}")
             opt.zero_grad(set_to_none=True)
