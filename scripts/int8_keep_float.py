@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from query_encoder_bench import MAX_NDCG_LOSS, cpu_name  # noqa: E402
+from query_encoder_bench import MAX_NDCG_LOSS, cpu_name, encode_interleaved  # noqa: E402
 
 from retrieval_prune.data import load_beir  # noqa: E402
 from retrieval_prune.encode import EmbeddingCache, Encoder  # noqa: E402
@@ -85,18 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         enc._query_model = models[name]  # the same tokeniser and markers for every variant
         return enc.encode_queries([text])
 
-    for t in qtexts[: args.warmup]:
-        for n in names:
-            encode(n, t)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    vecs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i, t in enumerate(qtexts):
-        for j in range(len(names)):
-            n = names[(i + j) % len(names)]
-            t1 = time.perf_counter()
-            mv = encode(n, t)
-            times[n].append((time.perf_counter() - t1) * 1e3)
-            vecs[n].append(np.asarray(mv.embeddings))
+    times, vecs = encode_interleaved({n: (lambda t, n=n: encode(n, t)) for n in names},
+                                     qtexts, args.warmup)
     enc._query_model = models["float32"]
     ctx = DatasetContext(
         name=corpus.name, split=corpus.split, doc_ids=corpus.doc_ids, docs=docs, qids=qids,

@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,26 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def encode_interleaved(encode: dict[str, Callable[[str], MultiVectors]], texts: list[str],
+                       warmup: int) -> tuple[dict[str, list[float]], dict[str, list[np.ndarray]]]:
+    """Each text encoded alone by every variant, interleaved text by text (the starting
+    variant rotating) after ``warmup`` texts each: ``({name: ms per text}, {name: vectors})``."""
+    names = list(encode)
+    for t in texts[:warmup]:
+        for n in names:
+            encode[n](t)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    vecs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, t in enumerate(texts):
+        for j in range(len(names)):
+            n = names[(i + j) % len(names)]
+            t1 = time.perf_counter()
+            mv = encode[n](t)
+            times[n].append((time.perf_counter() - t1) * 1e3)
+            vecs[n].append(np.asarray(mv.embeddings))
+    return times, vecs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,19 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     encs = {p: Encoder.load(args.checkpoint, precision=p, num_threads=1) for p in precisions}
-    for enc in encs.values():
-        for t in qtexts[: args.warmup]:
-            enc.encode_queries([t])
-    times: dict[str, list[float]] = {p: [] for p in precisions}
-    vecs: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
-    names = list(encs)
-    for i, t in enumerate(qtexts):
-        for j in range(len(names)):
-            p = names[(i + j) % len(names)]
-            t1 = time.perf_counter()
-            mv = encs[p].encode_queries([t])
-            times[p].append((time.perf_counter() - t1) * 1e3)
-            vecs[p].append(np.asarray(mv.embeddings))
+    times, vecs = encode_interleaved(
+        {p: (lambda t, e=e: e.encode_queries([t])) for p, e in encs.items()}, qtexts,
+        args.warmup)
     n_tokens = [len(v) for v in vecs["float32"]]
     print(f"{len(qtexts)} queries timed, p50 {np.median(n_tokens):.0f} tokens", flush=True)
 
